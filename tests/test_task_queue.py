@@ -1,0 +1,420 @@
+"""The markdown task queue: parsing, validation, transitions, name safety and the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from utils.task_queue import (
+    STATES,
+    TaskError,
+    TaskFormatError,
+    TaskQueue,
+    append_status_line,
+    filter_tasks,
+    format_table,
+    parse_task,
+    set_section,
+    slugify,
+    validate_task_name,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = datetime(2026, 11, 23, 16, 5, 12, tzinfo=timezone.utc)
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("tasks_cli", REPO / "scripts" / "tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = _load_cli()
+
+
+class Clock:
+    """A clock that starts at T0 and advances one minute per call, so log lines are exact."""
+
+    def __init__(self, start: datetime = T0, step: timedelta = timedelta(minutes=1)):
+        self.now, self.step = start, step
+
+    def __call__(self) -> datetime:
+        current = self.now
+        self.now += self.step
+        return current
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    queue_root = tmp_path / "tasks"
+    for state in STATES:
+        (queue_root / state).mkdir(parents=True)
+    shutil.copy(REPO / "tasks" / "TEMPLATE.md", queue_root / "TEMPLATE.md")
+    return queue_root
+
+
+@pytest.fixture
+def queue(root: Path) -> TaskQueue:
+    return TaskQueue(root, clock=Clock())
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = CLI.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- pure helpers -----------------------------------------------------------------------------
+
+
+def test_slugify_hand_values():
+    assert slugify("Short slug") == "short-slug"
+    assert slugify("Run the Qwen2.5-32B recipe!") == "run-the-qwen2-5-32b-recipe"
+    assert slugify("a b c", max_len=3) == "a-b"  # cut at a word boundary, never mid-word
+    assert slugify("x" * 50, max_len=10) == "x" * 10
+    assert slugify("???") == "task"
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("../etc/passwd", "'..'"),
+        ("..", "'..'"),
+        ("/abs", "absolute path"),
+        ("a/b", "path separator"),
+        ("a\\b", "path separator"),
+        ("", "empty"),
+        ("has space", "not a task file name"),
+        (".hidden", "not a task file name"),
+    ],
+)
+def test_validate_task_name_refuses_escapes(name, fragment):
+    with pytest.raises(TaskError) as info:
+        validate_task_name(name)
+    assert fragment in str(info.value)
+
+
+def test_validate_task_name_accepts_stem_and_md():
+    assert validate_task_name("20261123T160512-short-slug") == "20261123T160512-short-slug"
+    assert validate_task_name("20261123T160512-short-slug.md") == "20261123T160512-short-slug"
+
+
+def test_set_section_and_append_keep_other_text():
+    text = "## A\nold\n\n## Status log\n- one\n\n## B\ntail\n"
+    with pytest.raises(TaskError, match="no '## Assigned To' section"):
+        set_section(text, "Assigned To", "x")
+    replaced = set_section("## Assigned To\nunassigned\n\n## B\nkeep\n", "Assigned To", "w1")
+    assert replaced == "## Assigned To\nw1\n\n## B\nkeep\n"
+    appended = append_status_line(text, "- two")
+    assert appended == "## A\nold\n\n## Status log\n- one\n- two\n\n## B\ntail\n"
+
+
+def test_header_inside_code_fence_is_not_a_section(queue):
+    task = queue.new("Fenced", test_plan="run:\n```\n## Priority\nP9\n```")
+    parsed = parse_task(task.path.read_text(), task.path)
+    assert parsed.priority == "P2"
+    assert "## Priority\nP9" in parsed.sections["Test Plan"]
+
+
+# --- create / list / transitions --------------------------------------------------------------
+
+
+def test_new_names_file_from_timestamp_and_slug(queue, root):
+    task = queue.new("Short slug", "P1", criteria=["it works"], files=["utils/x.py"])
+    assert task.path == root / "pending" / "20261123T160512-short-slug.md"
+    assert (task.state, task.priority, task.assigned_to) == ("pending", "P1", "unassigned")
+    assert task.created == "2026-11-23T16:05:12Z"
+    assert task.criteria == ((False, "it works"),)
+    assert task.sections["Files"] == "- utils/x.py"
+    assert task.status_log == ("- 2026-11-23T16:05:12Z created in pending",)
+    # The template's guidance preamble (before '## Title') is not copied into tasks.
+    assert task.path.read_text().startswith("## Title\nShort slug\n")
+
+
+def test_new_same_title_same_second_gets_suffix(root):
+    frozen = TaskQueue(root, clock=Clock(step=timedelta(0)))
+    first = frozen.new("Same")
+    second = frozen.new("Same")
+    assert first.name == "20261123T160512-same"
+    assert second.name == "20261123T160512-same-2"
+
+
+def test_round_trip_and_status_log_grows(queue, root):
+    name = queue.new("Round trip").name
+    started = queue.start(name, "worker-1", note="on it")
+    assert started.path == root / "in_progress" / f"{name}.md"
+    assert started.assigned_to == "worker-1"
+    assert not (root / "pending" / f"{name}.md").exists()
+    done = queue.done(name, agent="worker-1")
+    assert done.state == "completed"
+    blocked = queue.block(name, "regression found\nin eval", agent="reviewer")
+    unblocked = queue.unblock(name)
+    restarted = queue.start(name, "worker-2")
+    assert restarted.assigned_to == "worker-2"
+    assert restarted.status_log == (
+        "- 2026-11-23T16:05:12Z created in pending",
+        "- 2026-11-23T16:06:12Z pending -> in_progress by worker-1: on it",
+        "- 2026-11-23T16:07:12Z in_progress -> completed by worker-1",
+        "- 2026-11-23T16:08:12Z completed -> blocked by reviewer: regression found in eval",
+        "- 2026-11-23T16:09:12Z blocked -> pending",
+        "- 2026-11-23T16:10:12Z pending -> in_progress by worker-2",
+    )
+    assert [blocked.state, unblocked.state] == ["blocked", "pending"]
+    assert sorted(p.name for p in root.rglob("*.md")) == [f"{name}.md", "TEMPLATE.md"]
+
+
+@pytest.mark.parametrize(
+    ("moves", "fragment"),
+    [
+        (["done"], "pending -> completed is not allowed"),
+        (["start", "start"], "in_progress -> in_progress is not allowed"),
+        (["block", "block"], "blocked -> blocked is not allowed"),
+        (["block", "done"], "blocked -> completed is not allowed"),
+    ],
+)
+def test_disallowed_transitions(queue, moves, fragment):
+    name = queue.new("Moves").name
+    actions = {
+        "start": lambda: queue.start(name, "w"),
+        "done": lambda: queue.done(name),
+        "block": lambda: queue.block(name, "waits"),
+    }
+    for move in moves[:-1]:
+        actions[move]()
+    before = queue.get(name)
+    with pytest.raises(TaskError) as info:
+        actions[moves[-1]]()
+    assert fragment in str(info.value)
+    after = queue.get(name)
+    assert (after.state, after.status_log) == (before.state, before.status_log)
+
+
+def test_block_needs_reason_and_start_needs_agent(queue):
+    name = queue.new("Needs").name
+    with pytest.raises(TaskError, match="needs a reason"):
+        queue.block(name, "  ")
+    with pytest.raises(TaskError, match="needs an agent"):
+        queue.start(name, "")
+    assert queue.get(name).state == "pending"
+
+
+def test_filter_and_table(queue):
+    a = queue.new("Alpha", "P2")
+    b = queue.new("Beta", "P0")
+    queue.new("Gamma", "P1")
+    queue.start(a.name, "Ann")
+    tasks, errors = queue.scan()
+    assert errors == []
+    pending = filter_tasks(tasks, state="pending")
+    assert [t.title for t in pending] == ["Beta", "Gamma"]  # P0 before P1
+    assert [t.title for t in filter_tasks(tasks, assignee="ann")] == ["Alpha"]
+    assert [t.title for t in filter_tasks(tasks, priority="P0")] == ["Beta"]
+    assert format_table(filter_tasks(tasks, priority="P0")) == (
+        "NAME                  STATE    PRI  ASSIGNED TO  TITLE\n"
+        f"{b.name}  pending  P0   unassigned   Beta\n"
+    )
+    with pytest.raises(TaskError, match="unknown state 'done'"):
+        filter_tasks(tasks, state="done")
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _break(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "header", "fragment"),
+    [
+        ("## Priority\nP2\n", "", "Priority", "is missing"),
+        ("## Priority\nP2", "## Priority\nP4", "Priority", "has 'P4'; expected one of P0, P1"),
+        ("## Priority\nP2", "## Priority\nhigh", "Priority", "has 'high'"),
+        ("## Success Criteria\n- [ ]", "## Success Criteria\n- ", "Success Criteria", "checkbox"),
+        ("## Files\n- utils/x.py", "## Files\n", "Files", "is empty"),
+        ("## Created\n2026-11-23T16:05:12Z", "## Created\nyesterday", "Created", "'yesterday'"),
+        ("## Title\nBroken", "## Title\nBroken\nsecond line", "Title", "single line"),
+        ("## Files\n", "## Test Plan\nx\n\n## Files\n", "Test Plan", "appears twice"),
+    ],
+)
+def test_header_errors_name_file_and_header(queue, old, new, header, fragment):
+    task = queue.new("Broken", criteria=["c"], files=["utils/x.py"])
+    _break(task.path, old, new)
+    with pytest.raises(TaskFormatError) as info:
+        queue.get(task.name)
+    message = str(info.value)
+    assert str(task.path) in message
+    assert f"'## {header}'" in message
+    assert fragment in message
+    assert info.value.header == header
+    # A broken task is not moved: start refuses before renaming.
+    with pytest.raises(TaskFormatError):
+        queue.start(task.name, "w")
+    assert task.path.exists()
+
+
+def test_headers_match_case_insensitively(queue):
+    task = queue.new("Case")
+    _break(task.path, "## Status log", "## Status  Log")
+    moved = queue.start(task.name, "w")
+    assert len(moved.status_log) == 2
+
+
+# --- name safety ------------------------------------------------------------------------------
+
+
+def test_duplicate_in_two_folders_is_refused(queue, root):
+    task = queue.new("Dup")
+    copy = root / "completed" / task.path.name
+    shutil.copy(task.path, copy)
+    for action in (lambda: queue.get(task.name), lambda: queue.start(task.name, "w")):
+        with pytest.raises(TaskError) as info:
+            action()
+        assert str(task.path) in str(info.value) and str(copy) in str(info.value)
+    tasks, errors = queue.scan()
+    assert tasks == [] and len(errors) == 1 and "2 folders at once" in errors[0]
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "/abs", "a/b"])
+def test_path_traversal_is_refused(queue, name):
+    for action in (queue.get, lambda n: queue.start(n, "w"), lambda n: queue.block(n, "r")):
+        with pytest.raises(TaskError):
+            action(name)
+
+
+def test_symlink_pointing_outside_is_refused(queue, root, tmp_path):
+    outside = tmp_path / "outside.md"
+    shutil.copy(queue.new("Real").path, outside)
+    link = root / "pending" / "20261123T000000-l.md"
+    os.symlink(outside, link)
+    with pytest.raises(TaskError, match=f"is a symlink to {outside} \\(outside the queue\\)"):
+        queue.get(link.stem)
+    with pytest.raises(TaskError, match="is a symlink"):
+        queue.start(link.stem, "w")
+    assert link.is_symlink() and outside.exists()
+    _, errors = queue.scan()
+    assert any("is a symlink" in e for e in errors)
+
+
+def test_symlink_inside_the_queue_is_refused_too(queue, root):
+    target = root / "inside.txt"
+    target.write_text(queue.new("Real").path.read_text())
+    link = root / "pending" / "20261123T000000-l.md"
+    os.symlink(target, link)
+    with pytest.raises(TaskError, match="\\(inside the queue\\); task files must be regular"):
+        queue.get(link.stem)
+
+
+def test_move_never_overwrites_an_existing_destination(queue, root, monkeypatch):
+    name = queue.new("Clobber").name
+    real_locate = queue.locate
+
+    def locate_then_another_agent_writes(n):
+        # Another writer creates the destination after our duplicate check, before our move.
+        found = real_locate(n)
+        (root / "in_progress" / found.name).write_text("theirs")
+        return found
+
+    monkeypatch.setattr(queue, "locate", locate_then_another_agent_writes)
+    with pytest.raises(TaskError, match="already exists; refusing to overwrite"):
+        queue.start(name, "w")
+    assert (root / "in_progress" / f"{name}.md").read_text() == "theirs"
+    assert (root / "pending" / f"{name}.md").exists()
+
+
+def test_missing_state_folder_and_template(tmp_path):
+    with pytest.raises(TaskError, match="pending: missing"):
+        TaskQueue(tmp_path).scan()
+    for state in STATES:
+        (tmp_path / state).mkdir()
+    with pytest.raises(TaskError, match="no template"):
+        TaskQueue(tmp_path).new("x")
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_round_trip_and_exit_codes(root, capsys):
+    r = ["--root", str(root)]
+    code, out, _ = _cli([*r, "new", "CLI task", "--priority", "P1", "--criterion", "ok"], capsys)
+    assert code == 0
+    path = Path(out.strip())
+    name = path.stem
+    assert path.parent == root / "pending" and path.exists()
+
+    code, out, _ = _cli(["list", "--root", str(root), "--priority", "P1"], capsys)
+    assert code == 0 and name in out and "CLI task" in out
+    code, out, _ = _cli([*r, "list", "--state", "completed"], capsys)
+    assert (code, out) == (0, "no tasks match\n")
+
+    code, out, _ = _cli([*r, "show", name], capsys)
+    assert code == 0 and "## Title\nCLI task" in out
+
+    code, _, err = _cli([*r, "start", name], capsys)
+    assert code == 2 and "needs --agent" in err
+    code, out, _ = _cli([*r, "start", name, "--agent", "w9", "--note", "go"], capsys)
+    assert code == 0 and "pending -> in_progress by w9: go" in out
+    code, _, err = _cli([*r, "done", name], capsys)
+    assert code == 0 and "1 success criteria still unchecked" in err
+    code, _, err = _cli([*r, "block", name], capsys)  # argparse: --reason is required
+    assert code == 2 and "--reason" in err
+    code, _, err = _cli([*r, "done", name], capsys)
+    assert code == 2 and "completed -> completed is not allowed" in err
+    code, _, err = _cli([*r, "show", "../etc/passwd"], capsys)
+    assert code == 2 and err.startswith("error: task name '../etc/passwd'")
+    code, _, _ = _cli([*r, "list", "--priority", "P7"], capsys)
+    assert code == 2
+
+    code, out, _ = _cli([*r, "check"], capsys)
+    assert code == 0 and "1 valid task file(s)" in out
+    _break(root / "completed" / f"{name}.md", "## Priority\nP1", "## Priority\nP9")
+    code, _, err = _cli([*r, "check"], capsys)
+    assert code == 2 and f"{name}.md: header '## Priority' has 'P9'" in err
+
+
+def test_cli_runs_as_a_plain_script(root):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "tasks.py"), "--root", str(root), "show", "/abs"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "absolute path" in result.stderr
+
+
+def test_repo_queue_is_valid_and_seeded():
+    tasks, errors = TaskQueue(REPO / "tasks").scan()
+    assert errors == []
+    assert len([t for t in tasks if t.state == "pending"]) >= 2
+    for task in tasks:
+        assert task.name.startswith(task.created.replace("-", "").replace(":", "").rstrip("Z"))
+
+
+def test_losing_a_start_race_is_a_clear_error(queue, root, monkeypatch):
+    name = queue.new("Race").name
+    real_replace = os.replace
+    winner = root / "in_progress" / f"{name}.md"
+
+    def other_agent_moves_first(src, dst):
+        # Another agent's rename lands between our checks and ours, as in a real race.
+        if Path(src).parent.name == "pending" and Path(src).exists():
+            real_replace(src, winner)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("utils.task_queue.os.replace", other_agent_moves_first)
+    with pytest.raises(TaskError, match="moved by someone else"):
+        queue.start(name, "loser")
+    monkeypatch.undo()
+    assert winner.exists() and queue.get(name).assigned_to == "unassigned"
