@@ -1,0 +1,88 @@
+"""The batched generation engine on a tiny random Qwen2 model (real code path, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from utils.clean_model_loader import ContaminationError
+from utils.generation import (
+    STOP_EOS,
+    STOP_LIMIT,
+    STOP_STRING,
+    DecodingConfig,
+    _finish_row,
+    generate,
+)
+
+PROMPTS = [
+    "Instruction: Name a colour.\nResponse:",
+    "Hi",
+    "Instruction: Count to three, slowly please.\nResponse:",
+]
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_qwen):
+    dc = DecodingConfig(max_new_tokens=12, batch_size=8)
+    batched = generate(tiny_qwen, PROMPTS, dc, progress=False)
+    single = [generate(tiny_qwen, [p], dc, progress=False)[0] for p in PROMPTS]
+    assert [g.raw_completion for g in batched] == [g.raw_completion for g in single]
+    assert all(g.stop_reason in (STOP_LIMIT, STOP_EOS) for g in batched)
+
+
+def test_sampling_is_per_prompt_reproducible_whatever_ran_before(tiny_qwen):
+    dc = DecodingConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_p=0.9, batch_size=2)
+    a = generate(tiny_qwen, PROMPTS, dc, seed=5, progress=False)
+    generate(
+        tiny_qwen, ["something else entirely"] * 3, dc, seed=9, progress=False
+    )  # unrelated call
+    b = generate(tiny_qwen, PROMPTS[::-1], dc, seed=5, progress=False)[::-1]  # other batches
+    assert [g.raw_completion for g in a] == [g.raw_completion for g in b]
+    c = generate(tiny_qwen, PROMPTS, dc, seed=6, progress=False)
+    assert [g.raw_completion for g in a] != [g.raw_completion for g in c]
+
+
+def test_stops_on_whole_stop_string_and_counts_tokens(tiny_qwen):
+    dc = DecodingConfig(max_new_tokens=16, batch_size=4)
+    free = generate(tiny_qwen, PROMPTS[:1], dc, progress=False)[0]
+    ids = tiny_qwen.tokenizer(free.raw_completion, add_special_tokens=False).input_ids
+    # A stop string spanning tokens 5..7 of the free-running completion.
+    stop = tiny_qwen.tokenizer.decode(ids[5:8])
+    cut = generate(
+        tiny_qwen,
+        PROMPTS[:1],
+        DecodingConfig(max_new_tokens=16, stop_strings=(stop,)),
+        progress=False,
+    )[0]
+    assert cut.stop_reason == STOP_STRING and cut.matched_stop == stop
+    assert free.raw_completion.startswith(cut.raw_completion)
+    assert cut.raw_completion.endswith(stop) and stop not in cut.text
+    assert cut.n_new_tokens == len(
+        tiny_qwen.tokenizer(cut.raw_completion, add_special_tokens=False).input_ids
+    )
+
+
+def test_finish_row_never_stops_on_the_last_token_of_a_stop_string(tiny_qwen):
+    # Regression (KNOWN_BUGS #1): the old system stopped on ':' because it used the stop
+    # string's last token as an EOS id.
+    tok = tiny_qwen.tokenizer
+    ids = tok(" Note: a colon.\nInstruction: next", add_special_tokens=False).input_ids
+    text, raw, reason, which, n = _finish_row(tiny_qwen, ids, ["\nInstruction:"])
+    assert reason == STOP_STRING and text == " Note: a colon." and which == "\nInstruction:"
+    eos = tiny_qwen.policy.eos_token_id
+    text, raw, reason, _, n = _finish_row(tiny_qwen, [*ids[:3], eos, 5, 6], ["\nInstruction:"])
+    assert reason == STOP_EOS and n == 4 and text == tok.decode(ids[:3])
+
+
+def test_generation_refuses_chat_markup_in_prompts(tiny_qwen):
+    with pytest.raises(ContaminationError):
+        generate(
+            tiny_qwen,
+            ["<|im_start|>user\nhi<|im_end|>"],
+            DecodingConfig(max_new_tokens=2),
+            progress=False,
+        )
+
+
+def test_decoding_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown decoding keys"):
+        DecodingConfig.from_dict({"max_new_token": 3})

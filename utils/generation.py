@@ -1,0 +1,261 @@
+"""Batched generation and next-token scoring for any model loaded by CleanModelLoader.
+
+- Prompts go through the loader's one encode path (BOS policy, chat-control refusal) and the
+  ids actually fed to the model are checked again, row by row, after padding is stripped.
+- Left padding, length-sorted batches, results returned in input order.
+- Stops on whole stop STRINGS (transformers' StopStringCriteria, which matches strings across
+  token boundaries) and on the model's EOS ids; never on the last token of a stop string.
+- Every result records why it stopped ("eos", "stop_string", "max_new_tokens") and its token
+  counts, counted by the tokenizer.
+- Sampling is per sequence: each row draws its own Gumbel noise from a generator seeded by
+  (seed, prompt), so a prompt and seed give the same completion whatever batch it shares and
+  whatever ran before; nothing (cache, context, RNG state) carries from one call to the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from utils.clean_model_loader import LoadedModel
+
+STOP_EOS, STOP_STRING, STOP_LIMIT = "eos", "stop_string", "max_new_tokens"
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 16
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DecodingConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown decoding keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if "stop_strings" in d:
+            d["stop_strings"] = tuple(d["stop_strings"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "stop_strings": list(self.stop_strings)}
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # completion cut before the first stop string / EOS
+    raw_completion: str  # everything generated, stop string included, EOS excluded
+    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
+    matched_stop: str | None
+    n_prompt_tokens: int
+    n_new_tokens: int  # tokens generated up to and including the stop (EOS counted)
+    seed: int | None
+
+
+def row_seed(seed: int, prompt: str) -> int:
+    """A per-(seed, prompt) seed, independent of the prompt's position in a call."""
+    h = hashlib.blake2b(f"{seed}\x00{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class PerRowGumbelSampler(LogitsProcessor):
+    """Sampling as greedy argmax over (filtered logits / T + Gumbel noise), noise drawn from one
+    generator per row. Equivalent to multinomial sampling from softmax(logits / T) restricted to
+    the top-p/top-k set, but each row's randomness is its own (Gumbel-max trick)."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, top_k: int):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float() / self.temperature
+        if self.top_k and self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if self.top_p < 1.0:
+            sorted_scores, idx = torch.sort(scores, descending=True, dim=-1)
+            cum = sorted_scores.softmax(-1).cumsum(-1)
+            remove = cum - sorted_scores.softmax(-1) > self.top_p  # keep the token that crosses p
+            sorted_scores = sorted_scores.masked_fill(remove, -math.inf)
+            scores = torch.full_like(scores, -math.inf).scatter(-1, idx, sorted_scores)
+        noise = torch.stack(
+            [torch.rand(scores.shape[-1], generator=g).clamp_(1e-20, 1.0) for g in self.generators]
+        ).to(scores.device)
+        return scores - torch.log(-torch.log(noise))
+
+
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _first_stop(text: str, stop_strings: Sequence[str]) -> tuple[int, str | None]:
+    best, which = len(text), None
+    for s in stop_strings:
+        i = text.find(s)
+        if i != -1 and i < best:
+            best, which = i, s
+    return best, which
+
+
+def _finish_row(
+    lm: LoadedModel, new_ids: list[int], stop_strings: Sequence[str]
+) -> tuple[str, str, str, str | None, int]:
+    """(text, raw_completion, stop_reason, matched_stop, n_new_tokens) for one generated row."""
+    tok = lm.tokenizer
+    stop_ids = set(lm.policy.stop_token_ids)
+    eos_at = next((i for i, t in enumerate(new_ids) if t in stop_ids), None)
+    body = new_ids if eos_at is None else new_ids[:eos_at]
+    decoded = tok.decode(body, skip_special_tokens=False)
+    cut, which = _first_stop(decoded, stop_strings)
+    if which is not None:
+        # Fewest tokens whose decoding contains the stop string (later tokens are padding).
+        lo, hi = 1, len(body)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _first_stop(tok.decode(body[:mid], skip_special_tokens=False), [which])[1] is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        raw = tok.decode(body[:lo], skip_special_tokens=False)
+        return raw[: _first_stop(raw, [which])[0]], raw, STOP_STRING, which, lo
+    if eos_at is not None:
+        return decoded, decoded, STOP_EOS, None, eos_at + 1
+    return decoded, decoded, STOP_LIMIT, None, len(new_ids)
+
+
+@torch.inference_mode()
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    decoding: DecodingConfig,
+    seed: int | Sequence[int] = 0,
+    allow_control_tokens: bool = False,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[Generation]:
+    """Generate one completion per prompt; results in input order."""
+    if not prompts:
+        return []
+    seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    encoded = [lm.encode(p, allow_control_tokens=allow_control_tokens) for p in prompts]
+    # Length-sorted batches waste little compute on padding; stable for reproducible grouping.
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    model, pad_id = lm.model, lm.policy.pad_token_id
+    device = lm.device
+    n_tokens, t0 = 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress, leave=False)
+    for batch in _batches(order, decoding.batch_size):
+        rows = [encoded[i] for i in batch]
+        if not allow_control_tokens:
+            for i, r in zip(batch, rows, strict=True):
+                lm.check_ids(r, where=f"prompt {i}")  # the ids actually fed, not re-encoded text
+        ids, mask = _pad_left(rows, pad_id)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": decoding.max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": pad_id,
+            "eos_token_id": list(lm.policy.stop_token_ids),
+            "num_beams": 1,
+            "top_p": None,
+            "top_k": None,
+            "temperature": None,
+        }
+        if decoding.stop_strings:
+            kwargs["stop_strings"] = list(decoding.stop_strings)
+            kwargs["tokenizer"] = lm.tokenizer
+        if decoding.do_sample:
+            per_row = [row_seed(seeds[i], prompts[i]) for i in batch]
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [PerRowGumbelSampler(per_row, decoding.temperature, decoding.top_p, decoding.top_k)]
+            )
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        new = out[:, ids.shape[1] :].tolist()
+        for j, i in enumerate(batch):
+            text, raw, reason, which, n_new = _finish_row(lm, new[j], decoding.stop_strings)
+            n_tokens += n_new
+            results[i] = Generation(
+                prompt=prompts[i],
+                text=text,
+                raw_completion=raw,
+                stop_reason=reason,
+                matched_stop=which,
+                n_prompt_tokens=len(encoded[i]),
+                n_new_tokens=n_new,
+                seed=seeds[i] if decoding.do_sample else None,
+            )
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
+    bar.close()
+    return [r for r in results if r is not None]
+
+
+@torch.inference_mode()
+def next_token_logprobs(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    candidate_token_ids: Sequence[int],
+    batch_size: int = 16,
+    allow_control_tokens: bool = False,
+) -> torch.Tensor:
+    """log P(candidate token | prompt) for every prompt and candidate: shape (n_prompts, n_cands).
+
+    Used by the critic ("Answer: Yes/No", "A/B") and by sentinels. Full-vocabulary log-softmax,
+    so the numbers are true log-probabilities, not renormalised over the candidates."""
+    encoded = [lm.encode(p, allow_control_tokens=allow_control_tokens) for p in prompts]
+    cand = torch.tensor(list(candidate_token_ids), dtype=torch.long)
+    out = torch.empty((len(prompts), len(cand)), dtype=torch.float32)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    for batch in _batches(order, batch_size):
+        ids, mask = _pad_left([encoded[i] for i in batch], lm.policy.pad_token_id)
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits[
+            :, -1, :
+        ]
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        out[batch] = logp[:, cand]
+    return out
+
+
+def single_token_id(lm: LoadedModel, text: str) -> int:
+    """The id of ``text`` as ONE continuation token (e.g. " Yes"); raises if it is several."""
+    ids = lm.tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is {len(ids)} tokens for this tokenizer, not one: {ids}")
+    return ids[0]
