@@ -360,6 +360,25 @@ class CleanModelLoader:
         self.trust_remote_code = trust_remote_code
         self.allow_instruct_control = allow_instruct_control
 
+    @classmethod
+    def from_config(cls, model_cfg: dict[str, Any]) -> tuple[CleanModelLoader, str | None]:
+        """(loader, model name) from a config's ``model`` section; unknown keys are an error."""
+        known = {
+            "name",
+            "device",
+            "dtype",
+            "quantization",
+            "trust_remote_code",
+            "allow_instruct_control",
+        }
+        unknown = set(model_cfg) - known
+        if unknown:
+            raise ValueError(
+                f"model config: unknown keys {sorted(unknown)}; known: {sorted(known)}"
+            )
+        kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
+        return cls(**kwargs), model_cfg.get("name")
+
     # -- tokenizer ----------------------------------------------------------------------
     def load_tokenizer(
         self, name_or_path: str | None = None

@@ -1,0 +1,135 @@
+"""Generation throughput, measured in ONE run on the same model and prompts:
+
+- the machine's fp32 matmul GFLOP/s (the compute ceiling),
+- a plain one-prompt-at-a-time ``model.generate`` loop,
+- the project's batched engine (utils/generation.py) at several batch sizes,
+
+then tokens/s, the ratio to the plain loop, the fraction of the matmul ceiling reached
+(2 x parameters FLOP per token) and whether greedy outputs are identical.
+
+    python scripts/benchmark_generation.py                      # embedded Gemma-3-270M base
+    python scripts/benchmark_generation.py --batch-sizes 1 8 32 64 --n-prompts 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from utils.clean_model_loader import CleanModelLoader  # noqa: E402
+from utils.eval_prompts import build_eval_set  # noqa: E402
+from utils.generation import DecodingConfig, generate  # noqa: E402
+from utils.response_format import format_prompt  # noqa: E402
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def plain_loop(lm, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int, float]:
+    """The baseline: one prompt at a time through model.generate, greedy."""
+    texts, n_tok = [], 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([lm.encode(p)])
+            out = lm.model.generate(
+                ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.policy.pad_token_id,
+                eos_token_id=list(lm.policy.stop_token_ids), top_p=None, top_k=None, temperature=None,
+            )  # fmt: skip
+            new = out[0, ids.shape[1] :].tolist()
+            stop = next((i for i, t in enumerate(new) if t in lm.policy.stop_token_ids), None)
+            body = new if stop is None else new[:stop]
+            n_tok += len(new) if stop is None else stop + 1
+            texts.append(lm.tokenizer.decode(body, skip_special_tokens=False))
+    return texts, n_tok, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default=None, help="model name or path (default: embedded base)")
+    ap.add_argument("--n-prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--plain-prompts", type=int, default=8, help="prompts timed in the plain loop")
+    ap.add_argument("--json", default="runs/benchmarks/generation.json")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    gflops = matmul_gflops()
+    lm = CleanModelLoader().load(args.model)
+    flop_per_token = 2 * lm.provenance["n_parameters"]
+    prompts = [format_prompt(r["prompt"]) for r in build_eval_set(n=args.n_prompts, seed=7)]
+
+    plain_texts, plain_tok, plain_s = plain_loop(
+        lm, prompts[: args.plain_prompts], args.max_new_tokens
+    )
+    rows = [{"mode": "plain loop", "batch_size": 1, "tokens": plain_tok, "seconds": plain_s}]
+    identical = None
+    for bs in args.batch_sizes:
+        dc = DecodingConfig(max_new_tokens=args.max_new_tokens, batch_size=bs)
+        t0 = time.perf_counter()
+        gens = generate(lm, prompts, dc, progress=True, desc=f"engine bs={bs}")
+        secs = time.perf_counter() - t0
+        rows.append(
+            {
+                "mode": "engine",
+                "batch_size": bs,
+                "tokens": sum(g.n_new_tokens for g in gens),
+                "seconds": secs,
+            }
+        )
+        same = [g.raw_completion for g in gens[: args.plain_prompts]] == plain_texts
+        identical = same if identical is None else identical and same
+    plain_tps = plain_tok / plain_s
+    for r in rows:
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["speedup_vs_plain"] = r["tokens_per_s"] / plain_tps
+        r["fraction_of_matmul_ceiling"] = r["tokens_per_s"] * flop_per_token / (gflops * 1e9)
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    result = {
+        "model": lm.provenance["model_id"],
+        "matmul_gflops_fp32": gflops,
+        "gflop_per_token": flop_per_token / 1e9,
+        "ceiling_tokens_per_s": gflops * 1e9 / flop_per_token,
+        "max_new_tokens": args.max_new_tokens,
+        "n_prompts": len(prompts),
+        "greedy_outputs_identical_to_plain_loop": identical,
+        "best_speedup_vs_plain": best["speedup_vs_plain"],
+        "best_batch_size": best["batch_size"],
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+    }
+    print(f"\nmatmul fp32: {gflops:.1f} GFLOP/s; {flop_per_token / 1e9:.3f} GFLOP/token; "
+          f"ceiling {result['ceiling_tokens_per_s']:.0f} tok/s")  # fmt: skip
+    print(
+        f"{'mode':<11} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'x plain':>8} {'% ceiling':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['mode']:<11} {r['batch_size']:>5} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>7.1f} "
+            f"{r['speedup_vs_plain']:>8.2f} {100 * r['fraction_of_matmul_ceiling']:>8.1f}%"
+        )
+    print(f"greedy outputs identical to the plain loop: {identical}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
