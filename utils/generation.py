@@ -84,29 +84,48 @@ def row_seed(seed: int, prompt: str) -> int:
 
 
 class PerRowGumbelSampler(LogitsProcessor):
-    """Sampling as greedy argmax over (filtered logits / T + Gumbel noise), noise drawn from one
-    generator per row. Equivalent to multinomial sampling from softmax(logits / T) restricted to
-    the top-p/top-k set, but each row's randomness is its own (Gumbel-max trick)."""
+    """Sampling as argmax over (filtered logits / T + Gumbel noise), the noise drawn from one
+    generator per row (Gumbel-max trick): the same distribution as multinomial sampling from
+    softmax(logits / T) restricted to the top-k/top-p set, but each row's randomness is its own.
+
+    Returns a one-hot score row (0 for the sampled token, -inf elsewhere) so that greedy
+    decoding picks the sample. For speed the nucleus is searched among the ``candidate_k``
+    most likely tokens, falling back to a full sort when they hold less than ``top_p`` of the
+    mass (an exact nucleus either way)."""
+
+    candidate_k = 2048
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, top_k: int):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float() / self.temperature
-        if self.top_k and self.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, -math.inf)
+    def _pick(self, row: torch.Tensor, gen: torch.Generator) -> int:
+        vocab = row.shape[-1]
+        k = min(vocab, self.top_k) if self.top_k else vocab
+        if self.top_p < 1.0 and k > self.candidate_k:
+            vals, idx = torch.topk(row, self.candidate_k)
+            mass = torch.exp(vals - torch.logsumexp(row, -1)).sum()
+            if mass < self.top_p:  # nucleus is wider than the candidates: exact full sort
+                vals, idx = torch.sort(row, descending=True)
+        elif k < vocab or self.top_p < 1.0:
+            vals, idx = torch.topk(row, k)
+        else:
+            vals, idx = row, None
         if self.top_p < 1.0:
-            sorted_scores, idx = torch.sort(scores, descending=True, dim=-1)
-            cum = sorted_scores.softmax(-1).cumsum(-1)
-            remove = cum - sorted_scores.softmax(-1) > self.top_p  # keep the token that crosses p
-            sorted_scores = sorted_scores.masked_fill(remove, -math.inf)
-            scores = torch.full_like(scores, -math.inf).scatter(-1, idx, sorted_scores)
-        noise = torch.stack(
-            [torch.rand(scores.shape[-1], generator=g).clamp_(1e-20, 1.0) for g in self.generators]
-        ).to(scores.device)
-        return scores - torch.log(-torch.log(noise))
+            probs = torch.softmax(row, -1)[idx] if idx is not None else torch.softmax(vals, -1)
+            # Normalised over the full vocabulary; keep the token that crosses top_p.
+            remove = (probs.cumsum(-1) - probs) > self.top_p
+            vals = vals.masked_fill(remove, -math.inf)
+        noise = torch.rand(vals.shape[-1], generator=gen).clamp_(1e-20, 1.0)
+        choice = int(torch.argmax(vals - torch.log(-torch.log(noise))))
+        return int(idx[choice]) if idx is not None else choice
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scaled = scores.float().cpu() / self.temperature
+        out = torch.full_like(scores, -math.inf)
+        for r, gen in enumerate(self.generators):
+            out[r, self._pick(scaled[r], gen)] = 0.0
+        return out
 
 
 def _batches(order: list[int], batch_size: int) -> list[list[int]]:

@@ -1,0 +1,169 @@
+"""The end-to-end pipeline as data: an ordered list of stages, each a script run in a subprocess.
+
+Every stage writes into ``<run>/<stage>/`` and ends with ``manifest.json``. After a stage
+succeeds the pipeline writes ``<run>/<stage>/pipeline_stamp.json`` with a key hashing the
+config sections the stage reads and the content of its input files. A stage is skipped when its
+stamp matches; a stage without a stamp (killed mid-way) is rerun and resumes by itself; a stage
+whose key changed is moved aside (``<stage>.stale-<time>``, nothing deleted) and rerun.
+
+Adding a stage (e.g. the constitutional stage) is one more ``Stage(...)`` entry in ``STAGES``.
+Each stage runs in its own process, so exactly one model is resident at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from utils.jsonl_io import write_json_atomic
+from utils.provenance import config_hash
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAMP = "pipeline_stamp.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    script: str
+    sections: tuple[str, ...]  # config sections that change this stage's output
+    inputs: tuple[str, ...]  # files (relative to the run dir) whose content it reads
+    args: Callable[[Path], list[str]]
+    ok_exit_codes: tuple[int, ...] = (0,)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "stage1",
+        "scripts/generate_stage1_sft_data.py",
+        sections=("model", "stage1"),
+        inputs=(),
+        args=lambda run: ["--out", str(run / "stage1")],
+    ),
+    Stage(
+        "sft",
+        "scripts/train_stage1_sft.py",
+        sections=("model", "sft"),
+        inputs=("stage1/train.jsonl",),
+        args=lambda run: ["--run-dir", str(run)],
+    ),
+    Stage(
+        "pairs",
+        "scripts/generate_preference_pairs.py",
+        sections=("model", "pairs", "critic"),
+        inputs=("stage1/train.jsonl", "sft/adapter/adapter_model.safetensors"),
+        args=lambda run: ["--run", str(run)],
+    ),
+    Stage(
+        "dpo",
+        "scripts/train_stage1_dpo.py",
+        sections=("model", "dpo"),
+        inputs=("pairs/pairs.jsonl", "sft/adapter/adapter_model.safetensors"),
+        args=lambda run: ["--run-dir", str(run)],
+    ),
+    Stage(
+        "eval",
+        "scripts/evaluate_capability_differentiation.py",
+        sections=("model", "eval"),
+        inputs=(
+            "stage1/train.jsonl",
+            "sft/adapter/adapter_model.safetensors",
+            "dpo/adapter/adapter_model.safetensors",
+        ),
+        args=lambda run: ["--run", str(run)],
+    ),
+)
+
+
+def file_digest(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stage_key(stage: Stage, cfg: dict[str, Any], run_dir: Path) -> str:
+    parts = {
+        "stage": stage.name,
+        "config": {s: cfg.get(s) for s in stage.sections},
+        "inputs": {i: file_digest(run_dir / i) for i in stage.inputs},
+    }
+    return config_hash(parts)
+
+
+def stage_status(stage: Stage, cfg: dict[str, Any], run_dir: Path) -> tuple[str, str]:
+    """("done" | "resume" | "stale" | "new", key)."""
+    key = stage_key(stage, cfg, run_dir)
+    d = run_dir / stage.name
+    stamp = d / STAMP
+    if stamp.exists():
+        return ("done" if json.loads(stamp.read_text()).get("key") == key else "stale"), key
+    return ("resume" if d.exists() and any(d.iterdir()) else "new"), key
+
+
+def run_pipeline(
+    run_dir: Path,
+    cfg: dict[str, Any],
+    config_path: str,
+    overrides: Sequence[str],
+    stages: Sequence[Stage] = STAGES,
+    only: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run the stages in order; returns one row per stage (status, seconds, exit code)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    for stage in stages:
+        if only and stage.name not in only:
+            continue
+        status, key = stage_status(stage, cfg, run_dir)
+        d = run_dir / stage.name
+        if status == "done":
+            log(f"[pipeline] {stage.name}: up to date (inputs and config unchanged), skipped")
+            rows.append({"stage": stage.name, "status": "skipped", "seconds": 0.0, "exit_code": 0})
+            continue
+        if status == "stale":
+            aside = run_dir / f"{stage.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}"
+            d.rename(aside)
+            log(
+                f"[pipeline] {stage.name}: config or inputs changed; previous output moved to {aside.name}"
+            )
+        elif status == "resume":
+            log(f"[pipeline] {stage.name}: unfinished output found, resuming")
+        cmd = [sys.executable, str(REPO_ROOT / stage.script), "--config", config_path]
+        for o in overrides:
+            cmd += ["--set", o]
+        cmd += stage.args(run_dir)
+        log(f"[pipeline] {stage.name}: {' '.join(cmd[1:])}")
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, env=env, cwd=REPO_ROOT).returncode
+        secs = time.perf_counter() - t0
+        rows.append(
+            {
+                "stage": stage.name,
+                "status": "ran" if status != "resume" else "resumed",
+                "seconds": round(secs, 1),
+                "exit_code": rc,
+            }
+        )
+        if rc not in stage.ok_exit_codes:
+            log(
+                f"[pipeline] {stage.name} failed with exit code {rc}; fix the cause and rerun (finished stages are kept)"
+            )
+            break
+        write_json_atomic(
+            d / STAMP, {"key": key, "seconds": round(secs, 1), "finished_unix": round(time.time())}
+        )
+    return rows
