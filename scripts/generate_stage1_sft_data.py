@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.config import ConfigError, add_config_args, section  # noqa: E402
+from utils.critic import CriticConfig  # noqa: E402
 from utils.jsonl_io import JsonlError, write_json_atomic  # noqa: E402
 from utils.run_context import StageRun  # noqa: E402
 from utils.stage1 import Stage1Config, run_stage1  # noqa: E402
@@ -37,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = StageRun.start("stage1", args.config, args.overrides, args.out)
         cfg = Stage1Config.from_dict(section(run.cfg, "stage1"))
+        critic_cfg = CriticConfig.from_dict(run.cfg.get("critic"))
         lm = run.load_model()
-        summary = run_stage1(lm, cfg, run.out_dir, progress=not args.no_progress)
+        summary = run_stage1(
+            lm, cfg, run.out_dir, progress=not args.no_progress, critic_cfg=critic_cfg
+        )
     except (ConfigError, JsonlError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -59,8 +59,7 @@ class Stage1Config:
     response_attempts: int = 2  # a rejected response is re-sampled with another seed
     batch_size: int = 32
     dedup_threshold: float = 0.7
-    use_critic: bool = True
-    min_instruction_score: float = 0.5  # critic P(well-formed) threshold
+    use_critic: bool = True  # thresholds live in the config's `critic` section
     seeds_path: str | None = None
     examples_path: str | None = None
     gates: dict[str, Any] = field(
@@ -107,7 +106,14 @@ def split_list_items(raw: str, open_number: int, hit_limit: bool) -> list[tuple[
 
 
 class Stage1Generator:
-    def __init__(self, lm: LoadedModel, cfg: Stage1Config, out_dir: Path, progress: bool = True):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        cfg: Stage1Config,
+        out_dir: Path,
+        progress: bool = True,
+        critic_cfg: Any = None,
+    ):
         self.lm, self.cfg, self.out, self.progress = lm, cfg, Path(out_dir), progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.seeds = cp.load_seed_instructions(cfg.seeds_path or cp.DEFAULT_SEEDS_PATH)
@@ -120,7 +126,7 @@ class Stage1Generator:
         if cfg.use_critic:
             from utils.critic import CriticConfig
 
-            self.critic_cfg = CriticConfig()
+            self.critic_cfg = critic_cfg if critic_cfg is not None else CriticConfig()
 
     # -- step 1: instructions ----------------------------------------------------------------
     def generate_instructions(self) -> list[dict[str, Any]]:
@@ -241,7 +247,7 @@ class Stage1Generator:
                 scores = self._judge([c["instruction"] for c in candidates])
                 for c, s in zip(candidates, scores, strict=True):
                     c["critic"] = s
-                    if s is not None and s["score"] < cfg.min_instruction_score:
+                    if s is not None and not s["accepted"]:
                         rej_w.write(
                             {**c, "text": c.pop("instruction"), "reason": "critic_rejected"}
                         )

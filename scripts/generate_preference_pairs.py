@@ -1,0 +1,114 @@
+"""Preference pairs from the model's own samples, judged by the BASE model (both orders).
+
+    python scripts/generate_preference_pairs.py --run runs/default
+    python scripts/generate_preference_pairs.py --run runs/default --set pairs.num_candidates=6
+
+Reads runs/<run>/stage1/train.jsonl and the SFT adapter runs/<run>/sft/adapter (when the
+``sft`` source is configured); writes runs/<run>/pairs/{pairs,judgements}.jsonl and
+manifest.json. Rerunning after a kill resumes with no duplicate. Exit 0 ok, 1 when no pair was
+kept, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.clean_model_loader import (  # noqa: E402
+    AdapterMismatchError,
+    adapter_hash,
+    attach_adapter,
+)
+from utils.config import ConfigError, add_config_args, section  # noqa: E402
+from utils.critic import CriticConfig, judge_prompt_id  # noqa: E402
+from utils.jsonl_io import JsonlError  # noqa: E402
+from utils.preference_pairs import (  # noqa: E402
+    PairsConfig,
+    load_training_instructions,
+    run_preference_pairs,
+)
+from utils.run_context import StageRun  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(ap)
+    ap.add_argument("--run", required=True, help="run directory, e.g. runs/default")
+    ap.add_argument("--out", default=None, help="output directory (default: <run>/pairs)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    run_dir = Path(args.run)
+    train_path = run_dir / "stage1" / "train.jsonl"
+    adapter_dir = run_dir / "sft" / "adapter"
+    try:
+        run = StageRun.start("pairs", args.config, args.overrides, args.out or run_dir / "pairs")
+        cfg = PairsConfig.from_dict(section(run.cfg, "pairs"))
+        critic = CriticConfig.from_dict(section(run.cfg, "critic"))
+        records = load_training_instructions(train_path)
+        if not records:
+            raise ValueError(f"{train_path}: no training instructions")
+        use_sft = "sft" in cfg.candidate_sources
+        if use_sft and not adapter_dir.is_dir():
+            raise FileNotFoundError(f"{adapter_dir}: no SFT adapter (needed by source 'sft')")
+        lm = run.load_model()
+        if use_sft:
+            attach_adapter(lm, adapter_dir)
+        summary = run_preference_pairs(
+            lm, records, cfg, critic, run.out_dir, progress=not args.no_progress
+        )
+    except (ConfigError, JsonlError, ValueError, FileNotFoundError, AdapterMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run.finish(
+        inputs={
+            "train": str(train_path),
+            "adapter": str(adapter_dir) if use_sft else None,
+            "adapter_sha256": adapter_hash(adapter_dir) if use_sft else None,
+        },
+        pairs_config=cfg.to_dict(),
+        critic_config=critic.to_dict(),
+        judge_prompt=judge_prompt_id(critic),
+        **summary,
+    )
+
+    c = summary["counts"]
+    rows = [
+        ("instructions", c["instructions"]),
+        ("  without two comparable candidates", c["instructions_without_comparable_candidates"]),
+        ("candidates", c["candidates"]),
+        *((f"  excluded: {k}", v) for k, v in c["candidates_excluded"].items()),
+        ("comparisons (each asked in both orders)", c["comparisons"]),
+        (
+            "position-consistent comparisons",
+            f"{c['position_consistent_rate']:.3f}"
+            if c["position_consistent_rate"] is not None
+            else "n/a",
+        ),
+        ("pairs considered", c["pairs_considered"]),
+        ("pairs kept", c["pairs_kept"]),
+        *((f"  dropped: {k}", v) for k, v in c["pairs_dropped"].items()),
+        (
+            "generate / judge seconds",
+            f"{summary['timings']['generate_s']} / {summary['timings']['judge_s']}",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print("\npreference pairs summary")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    hist = c["soft_label_histogram_kept"]
+    print(
+        "  kept soft labels: "
+        + " ".join(f"{e:.2f}:{n}" for e, n in zip(hist["edges"], hist["counts"], strict=False))
+    )
+    print(f"\nwrote {run.out_dir / 'pairs.jsonl'}")
+    return 0 if c["pairs_kept"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Stage-1 DPO: continue the SFT LoRA adapter on self-judged preference pairs (TRL DPOTrainer).
+
+    python scripts/train_stage1_dpo.py --run-dir runs/demo        # pairs: runs/demo/pairs/pairs.jsonl
+                                                              # adapter: runs/demo/sft/adapter
+    python scripts/train_stage1_dpo.py --run-dir runs/demo --set dpo.beta=0.2 --set dpo.max_steps=20
+    torchrun --nproc_per_node 2 scripts/train_stage1_dpo.py --run-dir runs/demo
+
+The base model comes from CleanModelLoader, the SFT adapter is attached (its base-weights hash
+is checked) and trained further; TRL keeps a frozen copy of it as the reference, so the
+reference policy is the SFT policy. Logs rewards, margins and the chosen log-prob change per
+logging step to <out>/dpo_log.jsonl and warns when the chosen log-probs fall (trl #800).
+Writes <out>/adapter/, mask_audit.json/.txt and manifest.json. Exit 0 on success (a falling
+chosen log-prob is a warning, recorded in the manifest), 1 when the mask audit fails, 2 on bad
+input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.clean_model_loader import AdapterMismatchError, ContaminationError  # noqa: E402
+from utils.config import ConfigError, add_config_args, load_config, section  # noqa: E402
+from utils.dpo import DPOStageConfig, load_pairs, make_dpo_args, run_dpo  # noqa: E402
+from utils.embedded_models import AssetError  # noqa: E402
+from utils.mask_audit import MaskAuditError  # noqa: E402
+from utils.provenance import write_manifest  # noqa: E402
+from utils.sft import (  # noqa: E402
+    MODEL_KEYS,
+    ResumeMismatchError,
+    load_base_model,
+    resolve_device,
+    split_dev,
+)
+
+
+def print_summary(out: Path, s: dict) -> None:
+    t, d, trend = s["training"], s["data"], s["chosen_logprob_trend"]
+
+    def f(x: object, nd: int = 4) -> str:
+        return f"{x:.{nd}g}" if isinstance(x, float) else str(x)
+
+    rows = [
+        ("output", str(out)),
+        ("pairs / train / dev", f"{d['n_records']} / {d['n_train']} / {d['n_dev']}"),
+        ("dropped (too long / margin)", f"{len(d['dropped_too_long'])} / {d['n_below_min_margin']}"),
+        ("steps (resumed from)", f"{t['global_step']} ({t['resumed_from_step']})"),
+        ("loss (mean)", f(t["train_loss_mean"])),
+        ("rewards chosen / rejected", f"{f(t['rewards_chosen_last'])} / {f(t['rewards_rejected_last'])}"),
+        ("margin / accuracy (last log)", f"{f(t['rewards_margin_last'])} / {f(t['rewards_accuracy_last'])}"),
+        ("chosen log-prob trend", ("WARNING: " if trend["falling"] else "") + trend["message"]),
+        ("step seconds (mean)", f(t["step_seconds_mean"])),
+        ("world size", str(t["world_size"])),
+        ("adapter", s["adapter"]["path"]),
+    ]  # fmt: skip
+    w = max(len(k) for k, _ in rows)
+    print("\nstage-1 DPO")
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(ap)
+    ap.add_argument(
+        "--run-dir", default="runs/default", help="run directory (default: %(default)s)"
+    )
+    ap.add_argument("--pairs", help="preference pairs (default: <run>/pairs/pairs.jsonl)")
+    ap.add_argument("--sft-adapter", help="SFT adapter to continue (default: <run>/sft/adapter)")
+    ap.add_argument("--out", help="output directory (default: <run>/dpo)")
+    ap.add_argument("--fresh", action="store_true", help="discard checkpoints, do not resume")
+    args = ap.parse_args(argv)
+    run = Path(args.run_dir)
+    pairs_path = Path(args.pairs) if args.pairs else run / "pairs" / "pairs.jsonl"
+    sft_adapter = Path(args.sft_adapter) if args.sft_adapter else run / "sft" / "adapter"
+    out = Path(args.out) if args.out else run / "dpo"
+    try:
+        cfg_all = load_config(args.config, args.overrides)
+        cfg = DPOStageConfig.from_dict(section(cfg_all, "dpo"))
+        model_cfg = {k: v for k, v in (cfg_all.get("model") or {}).items() if k in MODEL_KEYS}
+        if not (sft_adapter / "adapter_config.json").exists():
+            raise FileNotFoundError(
+                f"{sft_adapter}: no SFT adapter (run train_stage1_sft.py first)"
+            )
+        pairs, data_info = load_pairs(pairs_path, min_margin=cfg.min_margin)
+        use_cpu = resolve_device(model_cfg.get("device")).startswith("cpu")
+        train, dev = split_dev(pairs, cfg.dev_fraction, cfg.max_dev_examples, cfg.seed)
+        trl_args = make_dpo_args(cfg, out, bool(dev), use_cpu)  # before the model: ZeRO-3 init
+        lm = load_base_model(model_cfg)
+        result = run_dpo(lm, train, dev, cfg, trl_args, out, data_info, sft_adapter, args.fresh)
+    except MaskAuditError as e:
+        print(f"quality gate failed: {e} (see {out / 'mask_audit.json'})", file=sys.stderr)
+        return 1
+    except (
+        ConfigError,
+        ValueError,
+        FileNotFoundError,
+        ResumeMismatchError,
+        AdapterMismatchError,
+        ContaminationError,
+        AssetError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.is_main:
+        write_manifest(
+            out / "manifest.json",
+            stage="dpo",
+            config={"dpo": dataclasses.asdict(cfg), "model": model_cfg},
+            config_file=cfg_all.get("_config_path"),
+            overrides=args.overrides,
+            model=lm.provenance,
+            **result.summary,
+        )
+        print_summary(out, result.summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Stage-1 SFT: train a LoRA adapter on the base model's own instruction data (TRL SFTTrainer).
+
+    python scripts/train_stage1_sft.py --run-dir runs/demo                 # reads runs/demo/stage1/train.jsonl
+    python scripts/train_stage1_sft.py --run-dir runs/demo --set sft.max_steps=20
+    torchrun --nproc_per_node 2 scripts/train_stage1_sft.py --run-dir runs/demo   # 2 processes (gloo on CPU)
+    accelerate launch --config_file configs/accelerate/fsdp_qwen2.5-32b.yaml scripts/train_stage1_sft.py ...
+
+Trains on prompt = format_prompt(instruction), completion = format_completion(response) + EOS,
+loss on the completion and EOS only. Before the first step the mask audit checks the trainer's
+tokenised dataset (mask_audit.json / mask_audit.txt). A killed run resumes from the last
+checkpoint in <out>/checkpoints when rerun with the same command (--fresh starts over).
+Writes <out>/adapter/ (+ adapter_manifest.json with the base weights hash), train_log.jsonl and
+manifest.json. Exit 0 on success, 1 when the mask audit fails, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.clean_model_loader import ContaminationError  # noqa: E402
+from utils.config import ConfigError, add_config_args, load_config, section  # noqa: E402
+from utils.embedded_models import AssetError  # noqa: E402
+from utils.mask_audit import MaskAuditError  # noqa: E402
+from utils.provenance import write_manifest  # noqa: E402
+from utils.sft import (  # noqa: E402
+    MODEL_KEYS,
+    ResumeMismatchError,
+    SFTStageConfig,
+    load_base_model,
+    load_stage1,
+    make_sft_args,
+    resolve_device,
+    run_sft,
+    split_dev,
+)
+
+
+def print_summary(out: Path, s: dict) -> None:
+    t, d = s["training"], s["data"]
+
+    def f(x: object, nd: int = 4) -> str:
+        return f"{x:.{nd}g}" if isinstance(x, float) else str(x)
+
+    rows = [
+        ("output", str(out)),
+        ("records / train / dev", f"{d['n_records']} / {d['n_train']} / {d['n_dev']}"),
+        ("dropped (too long)", str(len(d["dropped_too_long"]))),
+        ("steps (resumed from)", f"{t['global_step']} ({t['resumed_from_step']})"),
+        ("train loss first -> last", f"{f(t['train_loss_first'])} -> {f(t['train_loss_last'])}"),
+        ("eval loss", f(t["eval_loss"])),
+        ("step seconds (mean)", f(t["step_seconds_mean"])),
+        ("world size", str(t["world_size"])),
+        ("mask audit", "passed" if s["mask_audit"]["passed"] else "FAILED"),
+        ("adapter", s["adapter"]["path"]),
+    ]
+    w = max(len(k) for k, _ in rows)
+    print("\nstage-1 SFT")
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(ap)
+    ap.add_argument(
+        "--run-dir", default="runs/default", help="run directory (default: %(default)s)"
+    )
+    ap.add_argument("--data", help="stage-1 records (default: <run>/stage1/train.jsonl)")
+    ap.add_argument("--out", help="output directory (default: <run>/sft)")
+    ap.add_argument("--fresh", action="store_true", help="discard checkpoints, do not resume")
+    args = ap.parse_args(argv)
+    run = Path(args.run_dir)
+    data = Path(args.data) if args.data else run / "stage1" / "train.jsonl"
+    out = Path(args.out) if args.out else run / "sft"
+    try:
+        cfg_all = load_config(args.config, args.overrides)
+        cfg = SFTStageConfig.from_dict(section(cfg_all, "sft"))
+        model_cfg = {k: v for k, v in (cfg_all.get("model") or {}).items() if k in MODEL_KEYS}
+        examples, data_info = load_stage1(data, run / "stage1" / "test_instructions.jsonl")
+        train, dev = split_dev(examples, cfg.dev_fraction, cfg.max_dev_examples, cfg.seed)
+        use_cpu = resolve_device(model_cfg.get("device")).startswith("cpu")
+        trl_args = make_sft_args(cfg, out, bool(dev), use_cpu)  # before the model: ZeRO-3 init
+        lm = load_base_model(model_cfg)
+        result = run_sft(lm, train, dev, cfg, trl_args, out, data_info, fresh=args.fresh)
+    except MaskAuditError as e:
+        print(f"quality gate failed: {e} (see {out / 'mask_audit.json'})", file=sys.stderr)
+        return 1
+    except (
+        ConfigError,
+        ValueError,
+        FileNotFoundError,
+        ResumeMismatchError,
+        ContaminationError,
+        AssetError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.is_main:
+        write_manifest(
+            out / "manifest.json",
+            stage="sft",
+            config={"sft": dataclasses.asdict(cfg), "model": model_cfg},
+            config_file=cfg_all.get("_config_path"),
+            overrides=args.overrides,
+            model=lm.provenance,
+            **result.summary,
+        )
+        print_summary(out, result.summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""The evaluation report: every section present, numbers as computed, plots written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from utils import report
+from utils.eval_prompts import build_eval_set
+from utils.evaluation import EvalConfig, ModelSpec, run_evaluation
+from utils.stats import benjamini_hochberg, holm_correction
+
+N = 5
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny_qwen_dir) -> dict:
+    """A real (tiny) evaluation: base and base_icl evaluated, sft and dpo missing, one leak."""
+    run = tmp_path_factory.mktemp("run")
+    (run / "stage1").mkdir()
+    leaked = build_eval_set(N)[0]["prompt"]
+    (run / "stage1" / "train.jsonl").write_text(json.dumps({"instruction": leaked}) + "\n")
+    cfg = EvalConfig(
+        n_prompts=N,
+        max_new_tokens=3,
+        batch_size=8,
+        icl_k=1,
+        bootstrap_resamples=100,
+        run_sentinels=False,
+        progress=False,
+        n_samples=2,
+    )
+    return run_evaluation(run, cfg, ModelSpec(name=str(tiny_qwen_dir)), log=lambda _m: None)
+
+
+def test_write_report_produces_every_section_and_file(results, tmp_path):
+    paths = report.write_report(results, tmp_path)
+    for key in ("results", "report", "accuracy_plot", "type_heatmap"):
+        assert paths[key].exists() and paths[key].stat().st_size > 0
+    assert paths["accuracy_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["report"].read_text()
+    for heading in (
+        "## Headline",
+        "## Arms",
+        "### Skipped arms",
+        "## Pairwise comparisons",
+        "## Per instruction type",
+        "## Sentinels",
+        "## Leakage",
+        "## Decoding and prompts",
+        "## Memory and timing",
+        "## Sample outputs",
+        "## Plots",
+    ):
+        assert heading in md, heading
+    assert "- **sft** SKIPPED: adapter not found" in md
+    assert "- **dpo** SKIPPED: adapter not found" in md
+    assert "1 leaked prompt(s) excluded" in md and "Minimum detectable effect" in md
+    assert "- **base**: not run (eval.run_sentinels=false)" in md
+    assert "![accuracy per arm](accuracy.png)" in md
+    assert "including arms that do not beat the baseline" in md
+    # 2 samples x 2 arms, same prompts for every arm
+    assert md.count("**Sample ") == 2 and md.count("- base_icl (") == 2
+    reloaded = json.loads(paths["results"].read_text())
+    assert reloaded["arms"][0]["name"] == "base" and reloaded["headline"]["n_prompts"] == N - 1
+
+
+def test_report_numbers_are_the_computed_ones(results):
+    md = report.render_markdown(results)
+    (c,) = results["comparisons"]
+    assert (c["arm_a"], c["arm_b"]) == ("base", "base_icl")
+    assert c["p_value_holm"] == holm_correction([c["p_value"]])[0]
+    assert c["p_value_bh"] == benjamini_hochberg([c["p_value"]])[0]
+    row = f"| base | base_icl | {report.pct(c['accuracy_a'])} | {report.pct(c['accuracy_b'])} |"
+    assert row in md
+    s = results["arms"][1]["summary"]["prompt_strict"]
+    assert report.pct_ci(s) in md
+    table = report.summary_table(results)
+    assert (
+        "sft            SKIPPED" in table and "leakage: 1/5 prompts (20.00%), 1 excluded" in table
+    )
+
+
+def test_format_helpers_by_hand():
+    summary = {"accuracy": 0.25, "ci_low": 0.1234, "ci_high": 0.4567}
+    assert report.pct_ci(summary) == "25.0% [12.3, 45.7]"
+    assert report.fmt_p(0.00001) == "<0.0001" and report.fmt_p(0.04321) == "0.0432"
+    assert report.fmt_points(-0.031) == "-3.1 pts" and report.fmt_points(None) == "n/a"
+    assert report.md_table(["a", "b"], [["x|y", 1]]) == "| a | b |\n|---|---|\n| x\\|y | 1 |"
+
+
+def test_report_without_evaluated_arms_or_leakage_check_says_so(results, tmp_path):
+    empty = {
+        **results,
+        "arms": [],
+        "comparisons": [],
+        "per_type": [],
+        "verdicts": [],
+        "samples": [],
+        "mde": None,
+        "leakage": {"status": "not_checked", "reason": "no stage1/train.jsonl in the run"},
+        "headline": {"n_prompts": N, "n_excluded_leaked": 0, "exclude_leaked": True},
+    }
+    paths = report.write_report(empty, tmp_path)
+    md = Path(paths["report"]).read_text()
+    assert "No arm was evaluated." in md and "Leakage NOT checked" in md
+    assert "Fewer than two arms were evaluated" in md
+    assert "accuracy_plot" not in paths

@@ -1,0 +1,353 @@
+"""The BASE model as its own judge: next-token log-probabilities of one-token answers.
+
+No chat format and no instruct teacher: the judge is a plain document that a base model can
+continue, a few reviewed examples followed by the open question, e.g.
+
+    Instruction: Write the word "lamp" backwards.
+    Response A: pmal
+    Response B: lamp
+    Which response follows the instruction better? Answer: A
+
+and the verdict is read from log P(" A") vs log P(" B") (or " Yes" vs " No") at the next
+token, via ``utils.generation.next_token_logprobs`` (full-vocabulary log-softmax, so the raw
+numbers are true log-probabilities and are kept next to the normalised score).
+
+* ``judge_instructions``: is an instruction clear, complete and answerable? score =
+  P(Yes) / (P(Yes) + P(No)).
+* ``compare_pairs``: which of two responses follows the instruction better, asked in BOTH
+  orders. A small base model prefers a position (often "A"); averaging P(first is better) over
+  the two orders cancels a constant position bias exactly (a judge that always says "A" gives
+  0.5), and ``position_consistent`` says whether both orders picked the same response.
+
+The judge always runs on the base weights: when a LoRA adapter is attached (the SFT policy
+generating candidates), ``base_only`` disables it for the judging forward passes, so one model
+stays resident and the policy never grades itself.
+
+Prompt building and the preference maths are pure functions; only ``judge_instructions`` and
+``compare_pairs`` touch a model (handed in, never loaded here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the pure parts import without torch
+    from utils.clean_model_loader import LoadedModel
+
+# Bump whenever a header, a demonstration or a question below changes: it is recorded in every
+# judged record, and ``judge_prompt_id`` hashes the exact text.
+PROMPT_VERSION = "critic-v1"
+
+ANSWER_A, ANSWER_B = " A", " B"
+ANSWER_YES, ANSWER_NO = " Yes", " No"
+
+PAIR_HEADER = (
+    "Each instruction below was given to two assistants. A careful reviewer compared the two "
+    "responses and wrote down which one follows the instruction better: correct, on topic, "
+    "and in exactly the form the instruction asks for."
+)
+PAIR_QUESTION = "Which response follows the instruction better? Answer:"
+
+INSTRUCTION_HEADER_TEXT = (
+    "Requests sent to a helpful assistant, each checked by a reviewer. The reviewer answers "
+    "Yes when the request is a clear, complete instruction or question that an assistant can "
+    "answer, and No when it is cut off, garbled, not a request at all, or already an answer."
+)
+INSTRUCTION_QUESTION = "Is this a clear, complete instruction? Answer:"
+
+# Demonstrations written for this project. Topics avoid the evaluation tasks
+# (utils.eval_prompts.TASKS) and the critic check set (utils.critic_checkset). The better
+# response alternates A, B, A, B ... so every even-length prefix is balanced.
+PAIR_SHOTS: tuple[tuple[str, str, str, str], ...] = (
+    ('Write the word "lamp" backwards.', "pmal", "lamp", "A"),
+    (
+        "Give two reasons to learn to swim. Use a numbered list.",
+        "Swimming is fun.",
+        "1. It keeps you safe near water.\n2. It is good exercise.",
+        "B",
+    ),
+    (
+        "Reply in lowercase only: what does a lighthouse do?",
+        "a lighthouse shines a light to warn ships away from rocks.",
+        "A Lighthouse Shines A Light To Warn Ships Away From Rocks.",
+        "A",
+    ),
+    ("What is 9 minus 4?", "6", "5", "B"),
+    (
+        "Describe a kite in one sentence.",
+        "A kite is a light frame covered in paper or cloth that flies on the wind at the end of "
+        "a string.",
+        "Kites. They fly. Some have tails. Children like them. They can break.",
+        "A",
+    ),
+    ("Name a musical instrument that has strings.", "A drum.", "A violin.", "B"),
+    (
+        "Answer with yes or no: is a volcano hot inside?",
+        "Yes.",
+        "Volcanoes are openings in the crust of a planet, and many of them are found along the "
+        "edges of tectonic plates.",
+        "A",
+    ),
+    (
+        "Explain in two sentences why owls hunt at night.",
+        "Owl.",
+        "Owls hunt at night because the small animals they eat are active then. Their large "
+        "eyes and sharp hearing let them find prey in the dark.",
+        "B",
+    ),
+)
+INSTRUCTION_SHOTS: tuple[tuple[str, str], ...] = (
+    ("Give two tips for keeping a teapot clean.", "Yes"),
+    ("What is the best way to", "No"),
+    ("Explain why bread goes stale.", "Yes"),
+    ("blue quickly the of table run under", "No"),
+    ("Write a haiku about a quiet harbor.", "Yes"),
+    ("Sure! Here is a short story about a dragon who learns to fly.", "No"),
+    ("How many minutes are in three hours?", "Yes"),
+    ("1997", "No"),
+)
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    n_shots_pairs: int = 4  # demonstrations in the A/B prompt (at most len(PAIR_SHOTS))
+    n_shots_instructions: int = 4  # demonstrations in the Yes/No prompt
+    min_instruction_score: float = 0.5  # P(Yes) needed to call an instruction acceptable
+    pair_confidence_threshold: float = 0.6  # P(chosen better) needed to keep a pair
+    require_position_consistent: bool = False  # drop pairs whose two orders disagree
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.n_shots_pairs <= len(PAIR_SHOTS):
+            raise ValueError(
+                f"n_shots_pairs must be in 0..{len(PAIR_SHOTS)}, got {self.n_shots_pairs}"
+            )
+        if not 0 <= self.n_shots_instructions <= len(INSTRUCTION_SHOTS):
+            raise ValueError(
+                f"n_shots_instructions must be in 0..{len(INSTRUCTION_SHOTS)}, "
+                f"got {self.n_shots_instructions}"
+            )
+        if not 0.0 <= self.min_instruction_score <= 1.0:
+            raise ValueError(
+                f"min_instruction_score must be in [0, 1], got {self.min_instruction_score}"
+            )
+        if not 0.5 <= self.pair_confidence_threshold <= 1.0:
+            raise ValueError(
+                "pair_confidence_threshold is P(chosen better) and must be in [0.5, 1], "
+                f"got {self.pair_confidence_threshold}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> CriticConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown critic keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts (pure).
+
+
+def _clean(text: str, what: str) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a string, got {type(text).__name__}")
+    text = text.strip()
+    if not text:
+        raise ValueError(f"{what} is empty; the critic cannot judge an empty text")
+    return text
+
+
+def _pair_block(instruction: str, response_a: str, response_b: str) -> str:
+    return f"Instruction: {instruction}\nResponse A: {response_a}\nResponse B: {response_b}\n"
+
+
+def pair_prompt(instruction: str, response_a: str, response_b: str, n_shots: int) -> str:
+    """The A/B judging document ending right before the answer token (" A" or " B")."""
+    instruction = _clean(instruction, "instruction")
+    response_a = _clean(response_a, "response A")
+    response_b = _clean(response_b, "response B")
+    blocks = [PAIR_HEADER]
+    for ins, a, b, better in PAIR_SHOTS[:n_shots]:
+        blocks.append(_pair_block(ins, a, b) + f"{PAIR_QUESTION} {better}")
+    blocks.append(_pair_block(instruction, response_a, response_b) + PAIR_QUESTION)
+    return "\n\n".join(blocks)
+
+
+def instruction_prompt(instruction: str, n_shots: int) -> str:
+    """The Yes/No judging document ending right before the answer token (" Yes" or " No")."""
+    instruction = _clean(instruction, "instruction")
+    blocks = [INSTRUCTION_HEADER_TEXT]
+    for ins, verdict in INSTRUCTION_SHOTS[:n_shots]:
+        blocks.append(f"Instruction: {ins}\n{INSTRUCTION_QUESTION} {verdict}")
+    blocks.append(f"Instruction: {instruction}\n{INSTRUCTION_QUESTION}")
+    return "\n\n".join(blocks)
+
+
+def judge_prompt_id(cfg: CriticConfig) -> dict[str, str]:
+    """Version and SHA-256 of both judging templates as configured: which judge made a label."""
+    pair_t = pair_prompt("{instruction}", "{response_a}", "{response_b}", cfg.n_shots_pairs)
+    ins_t = instruction_prompt("{instruction}", cfg.n_shots_instructions)
+    return {
+        "prompt_version": PROMPT_VERSION,
+        "pair_prompt_sha256": hashlib.sha256(pair_t.encode()).hexdigest(),
+        "instruction_prompt_sha256": hashlib.sha256(ins_t.encode()).hexdigest(),
+        "pair_answers": f"{ANSWER_A!r}/{ANSWER_B!r}",
+        "instruction_answers": f"{ANSWER_YES!r}/{ANSWER_NO!r}",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Preference maths (pure).
+
+
+def two_way_prob(logp_x: float, logp_y: float) -> float:
+    """P(x) renormalised over the two answers: exp(lx) / (exp(lx) + exp(ly)) = sigmoid(lx - ly)."""
+    for v, name in ((logp_x, "logp_x"), (logp_y, "logp_y")):
+        if math.isnan(v) or v > 1e-6:
+            raise ValueError(f"{name} must be a log-probability (<= 0, not NaN), got {v}")
+    if logp_x == -math.inf and logp_y == -math.inf:
+        return 0.5  # no mass on either answer: no information
+    d = logp_x - logp_y
+    # Numerically stable sigmoid for either sign of d.
+    if d >= 0:
+        return 1.0 / (1.0 + math.exp(-d))
+    e = math.exp(d)
+    return e / (1.0 + e)
+
+
+def soft_preference(logp_ab: tuple[float, float], logp_ba: tuple[float, float]) -> dict[str, Any]:
+    """Soft preference for the FIRST response from the raw (log P(" A"), log P(" B")) of both
+    orders: ``logp_ab`` with the first response shown as A, ``logp_ba`` with it shown as B.
+
+    p_first = mean(P(A | order AB), P(B | order BA)). A constant position preference adds the
+    same amount to P(A) in both orders and so cancels: always-"A" gives exactly 0.5.
+    """
+    p_a_ab = two_way_prob(logp_ab[0], logp_ab[1])
+    p_a_ba = two_way_prob(logp_ba[0], logp_ba[1])
+    p_first_ab, p_first_ba = p_a_ab, 1.0 - p_a_ba
+    p_first = 0.5 * (p_first_ab + p_first_ba)
+    consistent = (p_first_ab > 0.5 and p_first_ba > 0.5) or (p_first_ab < 0.5 and p_first_ba < 0.5)
+    return {
+        "p_first": p_first,
+        "p_first_order_ab": p_first_ab,
+        "p_first_order_ba": p_first_ba,
+        "position_consistent": consistent,
+        # P(" A") averaged over the orders: 0.5 for an unbiased judge, 1.0 for always-"A".
+        "p_a_mean": 0.5 * (p_a_ab + p_a_ba),
+        # Log-odds of "first is better", averaged over the orders (nats).
+        "margin_nats": 0.5 * ((logp_ab[0] - logp_ab[1]) + (logp_ba[1] - logp_ba[0])),
+        "order_ab": {"logp_a": logp_ab[0], "logp_b": logp_ab[1]},
+        "order_ba": {"logp_a": logp_ba[0], "logp_b": logp_ba[1]},
+        "answer_mass_ab": math.exp(logp_ab[0]) + math.exp(logp_ab[1]),
+        "answer_mass_ba": math.exp(logp_ba[0]) + math.exp(logp_ba[1]),
+    }
+
+
+def instruction_verdict(logp_yes: float, logp_no: float, min_score: float) -> dict[str, Any]:
+    score = two_way_prob(logp_yes, logp_no)
+    return {
+        "score": score,
+        "accepted": score >= min_score,
+        "logp_yes": logp_yes,
+        "logp_no": logp_no,
+        "answer_mass": math.exp(logp_yes) + math.exp(logp_no),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Model calls.
+
+
+@contextlib.contextmanager
+def base_only(lm: LoadedModel) -> Iterator[None]:
+    """Run the block on the base weights: disables every attached LoRA adapter, if any."""
+    model = lm.model
+    if not getattr(model, "peft_config", None):
+        if lm.adapters:
+            raise RuntimeError(
+                f"adapters {lm.adapters} are recorded as attached but the model has no PEFT "
+                "config to disable; the critic must judge with the base weights"
+            )
+        yield
+        return
+    if hasattr(model, "disable_adapter"):  # peft.PeftModel: a context manager
+        with model.disable_adapter():
+            yield
+        return
+    # transformers' integrated PEFT (load_adapter on a plain model): explicit toggles.
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def _logprobs(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], batch_size: int):
+    from utils.generation import next_token_logprobs, single_token_id
+
+    ids = [single_token_id(lm, a) for a in answers]
+    with base_only(lm):
+        return next_token_logprobs(lm, prompts, ids, batch_size=batch_size).tolist()
+
+
+def judge_instructions(
+    lm: LoadedModel, instructions: Sequence[str], cfg: CriticConfig
+) -> list[dict[str, Any]]:
+    """One verdict per instruction: score = P(Yes) normalised over Yes/No, raw log-probs kept."""
+    prompts = [instruction_prompt(i, cfg.n_shots_instructions) for i in instructions]
+    if not prompts:
+        return []
+    rows = _logprobs(lm, prompts, (ANSWER_YES, ANSWER_NO), cfg.batch_size)
+    out = []
+    for ins, (lp_yes, lp_no) in zip(instructions, rows, strict=True):
+        out.append(
+            {
+                "instruction": ins,
+                **instruction_verdict(lp_yes, lp_no, cfg.min_instruction_score),
+                "prompt_version": PROMPT_VERSION,
+            }
+        )
+    return out
+
+
+def compare_pairs(
+    lm: LoadedModel,
+    instruction_response_pairs: Sequence[tuple[str, str, str]],
+    cfg: CriticConfig,
+) -> list[dict[str, Any]]:
+    """For each (instruction, first, second): soft preference for ``first`` over both orders.
+
+    All 2N prompts go to the model in one batched call. Each result holds ``p_first`` in
+    [0, 1], both orders' raw log-probs, ``position_consistent`` and ``margin_nats``.
+    """
+    prompts = []
+    for k, item in enumerate(instruction_response_pairs):
+        if len(item) != 3:
+            raise ValueError(
+                f"pair {k}: expected (instruction, first, second), got {len(item)} items"
+            )
+        ins, first, second = item
+        prompts.append(pair_prompt(ins, first, second, cfg.n_shots_pairs))
+        prompts.append(pair_prompt(ins, second, first, cfg.n_shots_pairs))
+    if not prompts:
+        return []
+    rows = _logprobs(lm, prompts, (ANSWER_A, ANSWER_B), cfg.batch_size)
+    out = []
+    for k in range(len(instruction_response_pairs)):
+        res = soft_preference(tuple(rows[2 * k]), tuple(rows[2 * k + 1]))
+        res["prompt_version"] = PROMPT_VERSION
+        out.append(res)
+    return out

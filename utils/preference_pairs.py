@@ -1,0 +1,570 @@
+"""Self-judged preference pairs: the policy proposes, the BASE model judges.
+
+For every stage-1 training instruction:
+
+1. k candidates are sampled, each from a configured source: ``sft`` (the SFT adapter on the
+   plain ``format_prompt(instruction)``, stopping on ``RESPONSE_STOP_STRINGS`` and EOS) or
+   ``base_fewshot`` (the base weights, adapter disabled, on a few-shot prompt built from the
+   project's demonstration pool, or the stage-1 record's own prompt). Seeds are recorded.
+2. Candidates that cannot be compared fairly are excluded, with the reason kept: empty,
+   duplicate of an earlier candidate, cut by ``max_new_tokens`` (optional), format scaffolding
+   leaked, or chat-control text.
+3. The base model's critic (``utils.critic.compare_pairs``, both orders) compares every pair of
+   remaining candidates; a candidate's score is its mean soft win rate.
+4. Pairs are emitted for all compared pairs or only best-vs-worst; each carries a soft label
+   (P(chosen better), in [0.5, 1]) and margin (2 * soft_label - 1). Pairs below the
+   confidence threshold, position-inconsistent pairs (when required) and exact ties are
+   dropped and counted. No canned or templated negative is ever made up: both sides of every
+   pair are the model's own samples.
+
+Files (in the output directory):
+
+* ``judgements.jsonl``: one record per instruction, written FIRST: every candidate with its
+  exact prompt, every comparison's raw numbers, every pair with kept/dropped reason.
+* ``pairs.jsonl``: the kept pairs (id, instruction, type, prompt, chosen, rejected, soft_label,
+  margin, candidates, judge), derived from the judgement record alone.
+
+Both are append-and-flush. On a rerun, ``resume`` repairs a torn last line in each; finished
+instructions are skipped and any of their pairs missing from ``pairs.jsonl`` (a kill between the
+two writes) is rebuilt from the judgement record, so nothing is duplicated or lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from itertools import combinations
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from utils.critic import CriticConfig, base_only, compare_pairs, judge_prompt_id
+from utils.jsonl_io import JsonlAppender, JsonlError, read_jsonl, resume
+from utils.response_format import (
+    RESPONSE_STOP_STRINGS,
+    clean_response,
+    format_completion,
+    format_prompt,
+    marker_leaked,
+)
+
+if TYPE_CHECKING:
+    from utils.clean_model_loader import LoadedModel
+
+CANDIDATE_SOURCES = ("sft", "base_fewshot")
+PAIR_SELECTIONS = ("auto", "all_pairs", "best_vs_worst")
+FEWSHOT_PROMPTS = ("pool", "stage1_record")
+# "auto" compares every pair and keeps them all while k is small enough for that to stay cheap.
+AUTO_ALL_PAIRS_MAX_K = 4
+DROP_REASONS = ("below_confidence", "position_inconsistent", "tie")
+EXCLUDE_REASONS = ("empty", "duplicate", "truncated", "marker_leaked", "control_token")
+HIST_BINS = 10  # soft labels live in [0.5, 1]: bins of width 0.05
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    num_candidates: int = 4  # k samples per instruction, spread round-robin over the sources
+    candidate_sources: tuple[str, ...] = ("sft",)
+    fewshot_prompts: str = "pool"  # base_fewshot prompts: "pool" demos or "stage1_record" prompt
+    fewshot_examples: int = 3  # demonstrations per pool prompt
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    batch_size: int = 16  # generation batch
+    seed: int = 0
+    pair_selection: str = "auto"  # auto | all_pairs | best_vs_worst
+    exclude_truncated: bool = True  # a response cut by max_new_tokens never ends: not comparable
+    instructions_per_chunk: int = 8  # instructions generated and judged together
+    max_instructions: int | None = None  # None = every stage-1 training instruction
+
+    def __post_init__(self) -> None:
+        if self.num_candidates < 2:
+            raise ValueError(
+                f"num_candidates must be >= 2 to form a pair, got {self.num_candidates}"
+            )
+        if not self.candidate_sources:
+            raise ValueError("candidate_sources is empty")
+        bad = [s for s in self.candidate_sources if s not in CANDIDATE_SOURCES]
+        if bad:
+            raise ValueError(f"unknown candidate_sources {bad}; known: {list(CANDIDATE_SOURCES)}")
+        if self.fewshot_prompts not in FEWSHOT_PROMPTS:
+            raise ValueError(
+                f"fewshot_prompts must be one of {FEWSHOT_PROMPTS}, got {self.fewshot_prompts!r}"
+            )
+        if self.pair_selection not in PAIR_SELECTIONS:
+            raise ValueError(
+                f"pair_selection must be one of {PAIR_SELECTIONS}, got {self.pair_selection!r}"
+            )
+        if self.fewshot_examples < 1:
+            raise ValueError(f"fewshot_examples must be >= 1, got {self.fewshot_examples}")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.instructions_per_chunk < 1:
+            raise ValueError("max_new_tokens, batch_size and instructions_per_chunk must be >= 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"sampling needs temperature > 0, top_p in (0, 1], top_k >= 0; got "
+                f"{self.temperature}, {self.top_p}, {self.top_k}"
+            )
+        if self.max_instructions is not None and self.max_instructions < 1:
+            raise ValueError(f"max_instructions must be >= 1 or null, got {self.max_instructions}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> PairsConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown pairs keys {sorted(unknown)}; known: {sorted(known)}")
+        if "candidate_sources" in d:
+            if isinstance(d["candidate_sources"], str):
+                raise ValueError("candidate_sources must be a list, e.g. [sft, base_fewshot]")
+            d["candidate_sources"] = tuple(d["candidate_sources"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "candidate_sources": list(self.candidate_sources)}
+
+    def selection_for(self, k: int) -> str:
+        if self.pair_selection != "auto":
+            return self.pair_selection
+        return "all_pairs" if k <= AUTO_ALL_PAIRS_MAX_K else "best_vs_worst"
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces: candidate plan, exclusion, pair selection, pair records, summary.
+
+
+def candidate_plan(cfg: PairsConfig) -> list[tuple[str, int]]:
+    """(source, seed) of each of the k candidates: sources round-robin, seed = cfg.seed + i.
+
+    The generator mixes the prompt into every row's seed, so the same seed on another
+    instruction is an independent draw."""
+    srcs = cfg.candidate_sources
+    return [(srcs[i % len(srcs)], cfg.seed + i) for i in range(cfg.num_candidates)]
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exclusion_reasons(
+    texts: Sequence[str],
+    stop_reasons: Sequence[str],
+    control_strings: Sequence[str],
+    exclude_truncated: bool,
+) -> list[str | None]:
+    """Why each candidate cannot be paired (None = usable). Duplicates keep the first copy."""
+    seen: set[str] = set()
+    out: list[str | None] = []
+    for text, stop in zip(texts, stop_reasons, strict=True):
+        norm = _normalise(text)
+        if not norm:
+            reason = "empty"
+        elif any(s in text for s in control_strings):
+            reason = "control_token"
+        elif marker_leaked(text):
+            reason = "marker_leaked"
+        elif exclude_truncated and stop == "max_new_tokens":
+            reason = "truncated"
+        elif norm in seen:
+            reason = "duplicate"
+        else:
+            reason = None
+            seen.add(norm)
+        out.append(reason)
+    return out
+
+
+def candidate_scores(n: int, comparisons: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    """Mean soft win rate of each candidate over its comparisons (None when never compared)."""
+    wins = [0.0] * n
+    counts = [0] * n
+    for c in comparisons:
+        i, j, p = c["i"], c["j"], c["p_first"]
+        wins[i] += p
+        wins[j] += 1.0 - p
+        counts[i] += 1
+        counts[j] += 1
+    return [w / k if k else None for w, k in zip(wins, counts, strict=True)]
+
+
+def select_pairs(
+    comparisons: Sequence[Mapping[str, Any]],
+    scores: Sequence[float | None],
+    selection: str,
+    critic: CriticConfig,
+) -> list[dict[str, Any]]:
+    """Oriented candidate pairs with soft label, margin and kept/drop_reason.
+
+    all_pairs: every comparison, chosen = the side the judge prefers. best_vs_worst: the
+    highest against the lowest mean soft win rate, labelled by their direct comparison (so a
+    best that loses its direct duel gets a soft label below 0.5 and is dropped)."""
+    if selection == "all_pairs":
+        chosen_sets = []
+        for c in comparisons:
+            first_wins = c["p_first"] >= 0.5
+            chosen_sets.append(
+                (c, c["i"] if first_wins else c["j"], c["j"] if first_wins else c["i"])
+            )
+    elif selection == "best_vs_worst":
+        valid = [k for k, s in enumerate(scores) if s is not None]
+        if len(valid) < 2:
+            return []
+        best = max(valid, key=lambda k: (scores[k], -k))
+        worst = min(valid, key=lambda k: (scores[k], -k))
+        if best == worst:
+            worst = next(k for k in valid if k != best)
+        direct = next(c for c in comparisons if {c["i"], c["j"]} == {best, worst})
+        chosen_sets = [(direct, best, worst)]
+    else:
+        raise ValueError(f"unknown selection {selection!r}")
+    out = []
+    for c, chosen, rejected in chosen_sets:
+        soft = c["p_first"] if chosen == c["i"] else 1.0 - c["p_first"]
+        if soft == 0.5:
+            reason = "tie"
+        elif critic.require_position_consistent and not c["position_consistent"]:
+            reason = "position_inconsistent"
+        elif soft < critic.pair_confidence_threshold:
+            reason = "below_confidence"
+        else:
+            reason = None
+        lo, hi = sorted((c["i"], c["j"]))
+        out.append(
+            {
+                "pair_key": f"c{lo}-c{hi}",
+                "chosen_index": chosen,
+                "rejected_index": rejected,
+                "soft_label": soft,
+                "margin": 2.0 * soft - 1.0,
+                "kept": reason is None,
+                "drop_reason": reason,
+            }
+        )
+    return out
+
+
+def pair_records(judgement: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The kept pairs of one judgement record, as pairs.jsonl records (pure: used on resume)."""
+    cands = judgement["candidates"]
+    slim = [{k: v for k, v in c.items() if k != "prompt"} for c in cands]
+    by_key = {f"c{min(c['i'], c['j'])}-c{max(c['i'], c['j'])}": c for c in judgement["comparisons"]}
+    out = []
+    for p in judgement["pairs"]:
+        if not p["kept"]:
+            continue
+        ch, rj = cands[p["chosen_index"]], cands[p["rejected_index"]]
+        comp = by_key[p["pair_key"]]
+        out.append(
+            {
+                "id": f"{judgement['id']}:{p['pair_key']}",
+                "instruction_id": judgement["id"],
+                "instruction": judgement["instruction"],
+                "type": judgement["type"],
+                "prompt": format_prompt(judgement["instruction"]),
+                "chosen": format_completion(ch["text"]),
+                "rejected": format_completion(rj["text"]),
+                "soft_label": p["soft_label"],
+                "margin": p["margin"],
+                "chosen_index": p["chosen_index"],
+                "rejected_index": p["rejected_index"],
+                "chosen_source": ch["source"],
+                "rejected_source": rj["source"],
+                "selection": judgement["selection"],
+                "candidates": slim,
+                "judge": {**comp, **judgement["judge_prompt"]},
+            }
+        )
+    return out
+
+
+def histogram(
+    values: Sequence[float], lo: float = 0.5, hi: float = 1.0, bins: int = HIST_BINS
+) -> dict:
+    """Counts in ``bins`` equal bins over [lo, hi] (the last bin includes hi)."""
+    counts = [0] * bins
+    width = (hi - lo) / bins
+    for v in values:
+        if not lo <= v <= hi:
+            raise ValueError(f"value {v} outside the histogram range [{lo}, {hi}]")
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    edges = [round(lo + k * width, 10) for k in range(bins + 1)]
+    return {"edges": edges, "counts": counts}
+
+
+def summarize_judgements(judgements: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts for the manifest: instructions, candidates, exclusions, pairs kept and dropped by
+    reason, and the soft-label histograms of kept and of all considered pairs."""
+    excluded: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    stop: Counter[str] = Counter()
+    kept_labels, all_labels = [], []
+    n_cands = n_comparisons = n_no_pairs = n_consistent = 0
+    for j in judgements:
+        for c in j["candidates"]:
+            n_cands += 1
+            sources[c["source"]] += 1
+            stop[c["stop_reason"]] += 1
+            if c["excluded"]:
+                excluded[c["excluded"]] += 1
+        n_comparisons += len(j["comparisons"])
+        n_consistent += sum(bool(c["position_consistent"]) for c in j["comparisons"])
+        if not j["pairs"]:
+            n_no_pairs += 1
+        for p in j["pairs"]:
+            all_labels.append(p["soft_label"])
+            if p["kept"]:
+                kept_labels.append(p["soft_label"])
+            else:
+                dropped[p["drop_reason"]] += 1
+    # Best-vs-worst pairs whose best lost the direct duel have soft labels < 0.5.
+    all_clamped = [max(v, 0.5) for v in all_labels]
+    return {
+        "instructions": len(judgements),
+        "instructions_without_comparable_candidates": n_no_pairs,
+        "candidates": n_cands,
+        "candidates_by_source": dict(sources),
+        "candidates_by_stop_reason": dict(stop),
+        "candidates_excluded": {r: excluded.get(r, 0) for r in EXCLUDE_REASONS},
+        "comparisons": n_comparisons,
+        "position_consistent_rate": n_consistent / n_comparisons if n_comparisons else None,
+        "pairs_considered": len(all_labels),
+        "pairs_kept": len(kept_labels),
+        "pairs_dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
+        "soft_label_histogram_kept": histogram(kept_labels),
+        "soft_label_histogram_considered": histogram(all_clamped),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Model side.
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fewshot_prompt(
+    record: Mapping[str, Any],
+    cfg: PairsConfig,
+    pool: Sequence[Mapping[str, Any]] | None,
+    seed: int,
+) -> tuple[str, list[str]]:
+    """The base model's few-shot prompt for one candidate and the demonstration ids it used."""
+    if cfg.fewshot_prompts == "stage1_record":
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(
+                f"stage-1 record {record.get('id')!r} has no 'prompt' to reuse for base_fewshot"
+            )
+        return prompt, []
+    from utils import completion_prompts as cp
+
+    if pool is None:
+        raise ValueError("fewshot_prompts=pool needs the demonstration pool")
+    rng = random.Random(f"{seed}:{record['id']}")  # per candidate: different demos, reproducible
+    itype = record.get("type") if record.get("type") in cp.TYPE_DESCRIPTIONS else None
+    return cp.response_prompt(
+        record["instruction"], pool, rng, k=cfg.fewshot_examples, instruction_type=itype
+    )
+
+
+def generate_candidates(
+    lm: LoadedModel,
+    records: Sequence[Mapping[str, Any]],
+    cfg: PairsConfig,
+    pool: Sequence[Mapping[str, Any]] | None = None,
+    progress: bool = False,
+) -> list[list[dict[str, Any]]]:
+    """k candidates per record (see ``candidate_plan``), each with its exact prompt and seed."""
+    from utils.generation import DecodingConfig, generate
+
+    decoding = DecodingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        batch_size=cfg.batch_size,
+        stop_strings=RESPONSE_STOP_STRINGS,
+    )
+    plan = candidate_plan(cfg)
+    requests: dict[str, list[tuple[int, int, str, int, list[str]]]] = {
+        s: [] for s in CANDIDATE_SOURCES
+    }
+    for r_idx, rec in enumerate(records):
+        for c_idx, (source, seed) in enumerate(plan):
+            if source == "sft":
+                prompt, demo_ids = format_prompt(rec["instruction"]), []
+            else:
+                prompt, demo_ids = fewshot_prompt(rec, cfg, pool, seed)
+            requests[source].append((r_idx, c_idx, prompt, seed, demo_ids))
+    out: list[list[dict[str, Any] | None]] = [[None] * len(plan) for _ in records]
+    for source, reqs in requests.items():
+        if not reqs:
+            continue
+        if source == "sft" and not lm.adapters:
+            raise ValueError("candidate source 'sft' needs the SFT adapter attached")
+        ctx = base_only(lm) if source == "base_fewshot" else contextlib.nullcontext()
+        with ctx:
+            gens = generate(
+                lm, [q[2] for q in reqs], decoding, seed=[q[3] for q in reqs],
+                progress=progress, desc=f"candidates:{source}",
+            )  # fmt: skip
+        for (r_idx, c_idx, prompt, seed, demo_ids), g in zip(reqs, gens, strict=True):
+            out[r_idx][c_idx] = {
+                "index": c_idx,
+                "text": clean_response(g.text),
+                "source": source,
+                "seed": seed,
+                "stop_reason": g.stop_reason,
+                "n_new_tokens": g.n_new_tokens,
+                "raw_completion": g.raw_completion,
+                "prompt": prompt,
+                "prompt_sha256": _sha(prompt),
+                "fewshot_example_ids": demo_ids,
+            }
+    return [[c for c in row if c is not None] for row in out]
+
+
+def judge_candidates(
+    lm: LoadedModel,
+    records: Sequence[Mapping[str, Any]],
+    candidates: Sequence[list[dict[str, Any]]],
+    cfg: PairsConfig,
+    critic: CriticConfig,
+) -> list[dict[str, Any]]:
+    """One judgement record per instruction: exclusions, both-order comparisons of every pair
+    of usable candidates (all instructions batched into one critic call), scores, pairs."""
+    control = lm.policy.control_token_strings
+    todo: list[tuple[int, int, int]] = []
+    for r_idx, cands in enumerate(candidates):
+        reasons = exclusion_reasons(
+            [c["text"] for c in cands], [c["stop_reason"] for c in cands], control,
+            cfg.exclude_truncated,
+        )  # fmt: skip
+        for c, reason in zip(cands, reasons, strict=True):
+            c["excluded"] = reason
+        usable = [c["index"] for c in cands if c["excluded"] is None]
+        todo.extend((r_idx, i, j) for i, j in combinations(usable, 2))
+    results = compare_pairs(
+        lm,
+        [
+            (records[r]["instruction"], candidates[r][i]["text"], candidates[r][j]["text"])
+            for r, i, j in todo
+        ],
+        critic,
+    )
+    per_record: list[list[dict[str, Any]]] = [[] for _ in records]
+    for (r_idx, i, j), res in zip(todo, results, strict=True):
+        per_record[r_idx].append({"i": i, "j": j, **res})
+    prompt_id = judge_prompt_id(critic)
+    out = []
+    for rec, cands, comps in zip(records, candidates, per_record, strict=True):
+        scores = candidate_scores(len(cands), comps)
+        for c, s in zip(cands, scores, strict=True):
+            c["score"] = s
+        selection = cfg.selection_for(cfg.num_candidates)
+        out.append(
+            {
+                "id": rec["id"],
+                "instruction": rec["instruction"],
+                "type": rec.get("type"),
+                "selection": selection,
+                "candidates": cands,
+                "comparisons": comps,
+                "pairs": select_pairs(comps, scores, selection, critic),
+                "judge_prompt": prompt_id,
+                "critic_config": critic.to_dict(),
+            }
+        )
+    return out
+
+
+def load_training_instructions(path: str | Path) -> list[dict[str, Any]]:
+    """Stage-1 training records (id, instruction, type required; ids unique)."""
+    records = read_jsonl(path, required=("id", "instruction", "type"))
+    seen: dict[Any, int] = {}
+    for k, r in enumerate(records, start=1):
+        if not isinstance(r["instruction"], str) or not r["instruction"].strip():
+            raise JsonlError(path, k, "instruction is empty", "instruction")
+        if r["id"] in seen:
+            raise JsonlError(
+                path, k, f"duplicate id {r['id']!r} (first at record {seen[r['id']]})", "id"
+            )
+        seen[r["id"]] = k
+    return records
+
+
+def run_preference_pairs(
+    lm: LoadedModel,
+    records: Sequence[Mapping[str, Any]],
+    cfg: PairsConfig,
+    critic: CriticConfig,
+    out_dir: str | Path,
+    pool: Sequence[Mapping[str, Any]] | None = None,
+    progress: bool = True,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Generate, judge and write pairs for ``records``, resuming whatever ``out_dir`` holds.
+
+    Returns the counts (over the whole output, resumed part included), resume info and
+    timings."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    j_path, p_path = out_dir / "judgements.jsonl", out_dir / "pairs.jsonl"
+    if cfg.max_instructions is not None:
+        records = list(records)[: cfg.max_instructions]
+    if "base_fewshot" in cfg.candidate_sources and cfg.fewshot_prompts == "pool" and pool is None:
+        from utils.completion_prompts import load_response_examples
+
+        pool = load_response_examples()
+    done, torn_j = resume(j_path, key="id")
+    written, torn_p = resume(p_path, key="id")
+    done_ids = {j["id"] for j in done}
+    stray = {p["instruction_id"] for p in written} - done_ids
+    if stray:
+        raise JsonlError(
+            p_path, 0, f"pairs for instructions with no judgement record: {sorted(stray)[:5]}; "
+            "the output directory was written by something else",
+        )  # fmt: skip
+    written_ids = {p["id"] for p in written}
+    timings = {"generate_s": 0.0, "judge_s": 0.0}
+    rebuilt = 0
+    with JsonlAppender(j_path) as jw, JsonlAppender(p_path) as pw:
+        for j in done:  # a kill between the two writes: finish the pairs of done instructions
+            for p in pair_records(j):
+                if p["id"] not in written_ids:
+                    pw.write(p)
+                    rebuilt += 1
+        pending = [r for r in records if r["id"] not in done_ids]
+        step = cfg.instructions_per_chunk
+        for start in range(0, len(pending), step):
+            chunk = pending[start : start + step]
+            t0 = time.perf_counter()
+            cands = generate_candidates(lm, chunk, cfg, pool, progress=progress)
+            t1 = time.perf_counter()
+            judgements = judge_candidates(lm, chunk, cands, cfg, critic)
+            timings["generate_s"] += t1 - t0
+            timings["judge_s"] += time.perf_counter() - t1
+            for j in judgements:
+                jw.write(j)  # the judgement first: it is what resume trusts
+                pw.write_many(pair_records(j))
+            if on_chunk is not None:
+                on_chunk(start + len(chunk), len(pending))
+    all_judgements = read_jsonl(j_path)
+    return {
+        "counts": summarize_judgements(all_judgements),
+        "resume": {
+            "instructions_already_done": len(done_ids),
+            "instructions_new": len([r for r in records if r["id"] not in done_ids]),
+            "torn_lines_repaired": {"judgements": torn_j, "pairs": torn_p},
+            "pairs_rebuilt_from_judgements": rebuilt,
+        },
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }

@@ -1,0 +1,477 @@
+"""Evaluation report: results.json, report.md, two PNG plots and a printed summary table.
+
+Everything here renders the results dict built by ``utils.evaluation.run_evaluation``; no
+model, no statistics of its own (every number comes from the results), so a report can be
+re-rendered from ``results.json`` alone. Every evaluated arm is shown, including arms that
+lose to the baseline, and every skipped arm is listed with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from utils.jsonl_io import write_json_atomic
+
+RESULTS_JSON, REPORT_MD = "results.json", "report.md"
+ACCURACY_PNG, TYPE_HEATMAP_PNG = "accuracy.png", "per_type_heatmap.png"
+MAX_SAMPLE_CHARS = 400
+
+
+# -------------------------------------------------------------------------------- format
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def pct_ci(summary: Mapping[str, Any] | None) -> str:
+    """``"23.4% [19.1, 28.3]"`` from a summarize_arm dict."""
+    if not summary:
+        return "n/a"
+    return (
+        f"{pct(summary['accuracy'])} [{100 * summary['ci_low']:.1f}, "
+        f"{100 * summary['ci_high']:.1f}]"
+    )
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def fmt_points(x: float | None) -> str:
+    """An accuracy difference in percentage points, signed."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.1f} pts"
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _stop_reasons(arm: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in arm.get("stop_reasons", {}).items()) or "n/a"
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def _headline_lines(results: Mapping[str, Any]) -> list[str]:
+    head, mde = results["headline"], results.get("mde")
+    lines = []
+    n_excl = head["n_excluded_leaked"]
+    lines.append(
+        f"- Headline n = **{head['n_prompts']}** prompts"
+        + (f" ({n_excl} leaked prompt(s) excluded)" if n_excl else " (no prompt excluded)")
+        + "; success = every instruction of the prompt followed (IFEval prompt-level strict)."
+    )
+    for v in results.get("verdicts", []):
+        lines.append(
+            f"- **{v['arm']}** {v['verdict']} **{v['reference']}**: "
+            f"{fmt_points(v['gain'])}, p_holm = {fmt_p(v['p_value_holm'])}"
+        )
+    if mde:
+        if mde["mde_independent_errors"] is None:
+            detail = "no gain is detectable at this n"
+        else:
+            detail = f"{fmt_points(mde['mde_independent_errors'])}"
+        lines.append(
+            f"- Minimum detectable effect: with n = {mde['n']} and {mde['reference_arm']} at "
+            f"{pct(mde['reference_accuracy'])}, the smallest gain detected with "
+            f"{100 * mde['power']:.0f}% power (two-sided alpha {mde['alpha']}) is {detail} "
+            "(assuming independent errors; see the per-comparison MDE at the observed "
+            "discordance below). Smaller true differences can go undetected."
+        )
+    skipped = results.get("skipped_arms", [])
+    if skipped:
+        lines.append(f"- {len(skipped)} arm(s) SKIPPED: " + ", ".join(s["name"] for s in skipped))
+    lines.append(
+        "- Every evaluated arm is reported below, including arms that do not beat the "
+        "baseline; nothing is filtered by outcome."
+    )
+    return lines
+
+
+def _arms_table(results: Mapping[str, Any]) -> str:
+    rows = []
+    for a in results["arms"]:
+        s = a.get("summary") or {}
+        rows.append(
+            [
+                a["name"],
+                a["prompt_format"] + (" + adapter" if a.get("adapter_dir") else ""),
+                s.get("n_prompts", "n/a"),
+                pct_ci(s.get("prompt_strict")),
+                pct_ci(s.get("prompt_loose")),
+                pct_ci(s.get("instruction_strict")),
+                pct_ci(s.get("instruction_loose")),
+                pct(a["summary_all_prompts"]["prompt_strict"]["accuracy"]),
+                _stop_reasons(a),
+                f"{a['mean_new_tokens']:.1f}",
+                a["sentinel"]["verdict"],
+            ]
+        )
+    header = [
+        "arm", "format", "n", "prompt strict [95% CI]", "prompt loose [95% CI]",
+        "instruction strict [95% CI]", "instruction loose [95% CI]",
+        "prompt strict, all prompts", "stop reasons", "mean new tokens", "sentinel",
+    ]  # fmt: skip
+    return md_table(header, rows)
+
+
+def _comparisons_table(results: Mapping[str, Any]) -> str:
+    rows = [
+        [
+            c["arm_a"],
+            c["arm_b"],
+            pct(c["accuracy_a"]),
+            pct(c["accuracy_b"]),
+            f"{fmt_points(c['diff'])} [{100 * c['diff_ci_low']:+.1f}, "
+            f"{100 * c['diff_ci_high']:+.1f}]",
+            c["n_a_only"],
+            c["n_b_only"],
+            fmt_p(c["p_value"]),
+            fmt_p(c["p_value_mid"]),
+            fmt_p(c["p_value_holm"]),
+            fmt_p(c["p_value_bh"]),
+            f"{c['cohens_h']:+.3f}",
+            fmt_points(c.get("mde_at_observed_discordance")),
+        ]
+        for c in results["comparisons"]
+    ]
+    header = [
+        "A", "B", "acc A", "acc B", "B - A [95% paired bootstrap CI]", "A only", "B only",
+        "p exact", "mid-p", "p Holm", "p BH", "Cohen's h", "MDE at observed discordance",
+    ]  # fmt: skip
+    return md_table(header, rows)
+
+
+def _per_type_table(results: Mapping[str, Any]) -> str:
+    per_type = results["per_type"]
+    arms = [a["name"] for a in results["arms"]]
+    pairs = [(c["arm_a"], c["arm_b"]) for c in results["comparisons"]]
+    header = ["type", "n", *arms, *[f"p_holm {a} vs {b}" for a, b in pairs]]
+    rows = []
+    for row in per_type:
+        by_pair = {(c["arm_a"], c["arm_b"]): c for c in row["comparisons"]}
+        rows.append(
+            [
+                row["type"],
+                row["n"],
+                *[pct(row["accuracy"][arm], 0) for arm in arms],
+                *[
+                    f"{fmt_p(by_pair[p]['p_value_holm'])} ({by_pair[p]['n_a_only']}/"
+                    f"{by_pair[p]['n_b_only']})"
+                    for p in pairs
+                ],
+            ]
+        )
+    return md_table(header, rows)
+
+
+def _leakage_lines(results: Mapping[str, Any]) -> list[str]:
+    leak = results["leakage"]
+    if leak["status"] != "checked":
+        return [f"- Leakage NOT checked: {leak['reason']}. No prompt was excluded."]
+    lines = [
+        f"- {leak['n_leaked']} of {leak['n_test']} eval prompts "
+        f"({pct(leak['rate'], 2)}) are near-duplicates (char 5-gram Jaccard >= "
+        f"{leak['threshold']}) of one of {leak['n_train']} stage-1 training instructions"
+        + (
+            "; they are excluded from the headline."
+            if results["headline"]["exclude_leaked"]
+            else "; eval.exclude_leaked=false, so they are KEPT in the headline."
+        )
+    ]
+    for ex in leak["examples"]:
+        lines.append(
+            f"  - eval `{ex['eval_prompt']}` ~ train `{ex['train_instruction']}` "
+            f"(Jaccard {ex['jaccard']:.2f})"
+        )
+    topic = leak.get("topic_overlap", {})
+    if topic:
+        lines.append(
+            f"- Topic overlap (informational, not excluded): {topic['n_tasks']} base task(s), "
+            f"used by {topic['n_prompts']} prompt(s), are near-duplicates of a training "
+            "instruction; the constraints, which decide success, are not."
+        )
+        for ex in topic.get("examples", [])[:5]:
+            lines.append(
+                f"  - task `{ex['task']}` ~ train `{ex['train_instruction']}` "
+                f"(Jaccard {ex['jaccard']:.2f})"
+            )
+    return lines
+
+
+def _memory_table(results: Mapping[str, Any]) -> str:
+    rows = []
+    for a in results["arms"]:
+        mem = a.get("memory")
+        tok_s = a.get("tokens_per_s")
+        rows.append(
+            [
+                a["name"],
+                a["n_cached"],
+                a["n_generated"],
+                a["new_tokens_generated"],
+                f"{a['generation_s']:.1f}",
+                "n/a" if tok_s is None else f"{tok_s:.1f}",
+                "cached (no model)" if mem is None else f"{mem['peak_rss_mib']:.0f}",
+                "n/a" if mem is None else f"{mem['ru_maxrss_mib']:.0f}",
+            ]
+        )
+    header = [
+        "arm", "prompts from cache", "prompts generated", "new tokens", "generation s",
+        "tokens/s", "peak RSS MiB (sampled, this arm)", "ru_maxrss MiB (process so far)",
+    ]  # fmt: skip
+    return md_table(header, rows)
+
+
+def _sample_lines(results: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for i, sample in enumerate(results.get("samples", []), start=1):
+        lines.append(f"**Sample {i}** (`{sample['id']}`): {sample['instruction']}")
+        lines.append(f"Constraints: {', '.join(sample['instruction_ids'])}")
+        lines.append("")
+        for arm, out in sample["arms"].items():
+            text = out["response"]
+            if len(text) > MAX_SAMPLE_CHARS:
+                text = text[:MAX_SAMPLE_CHARS] + " [...]"
+            mark = "PASS" if out["prompt_strict"] else "fail"
+            lines.append(f"- {arm} ({mark}, stop: {out['stop_reason']}):")
+            lines.append("")
+            lines.append("  ```text")
+            lines += ["  " + ln for ln in (text or "(empty response)").splitlines()]
+            lines.append("  ```")
+        lines.append("")
+    return lines
+
+
+def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
+    """The full markdown report from a results dict (see module doc)."""
+    plots = plots or {}
+    model, pset, dec = results["model"], results["prompt_set"], results["decoding"]
+    out = [
+        "# Capability differentiation: verifiable instruction following",
+        "",
+        f"Run `{results['run_dir']}`; base model `{model['spec']['name']}` (weights sha256 "
+        f"`{model['weights_sha256'][:16]}`); eval set {pset['n']} prompts (seed {pset['seed']}, "
+        f"sha256 `{pset['sha256'][:16]}`).",
+        "",
+        "## Headline",
+        "",
+        *_headline_lines(results),
+        "",
+        "## Arms",
+        "",
+    ]
+    if results["arms"]:
+        out += [
+            "Prompt-level strict success is the headline metric; CIs are Wilson 95% intervals. "
+            "Instruction-level CIs treat instructions as independent (a prompt can hold two), "
+            "so they are slightly narrow. The 'all prompts' column includes leaked prompts.",
+            "",
+            _arms_table(results),
+        ]
+    else:
+        out.append("No arm was evaluated.")
+    out += ["", "### Skipped arms", ""]
+    skipped = results.get("skipped_arms", [])
+    out += [f"- **{s['name']}** SKIPPED: {s['reason']}" for s in skipped] or ["- none"]
+    out += ["", "## Pairwise comparisons (prompt-level strict, B - A)", ""]
+    if results["comparisons"]:
+        out += [
+            "Paired on the same prompts. 'A only' / 'B only' are the discordant prompts; p is "
+            "the exact two-sided McNemar test; p Holm and p BH are corrected across ALL "
+            f"{len(results['comparisons'])} comparisons below.",
+            "",
+            _comparisons_table(results),
+        ]
+    else:
+        out.append("Fewer than two arms were evaluated: no comparison.")
+    out += ["", "## Per instruction type", ""]
+    if results["per_type"]:
+        out += [
+            "Strict instruction-level accuracy on the instances of each type. Each comparison "
+            "column gives the exact McNemar p, Holm-corrected across types for that comparison, "
+            "with the discordant counts (A only/B only). Small n per type: read as a map of "
+            "where arms differ, not as a set of findings.",
+            "",
+            _per_type_table(results),
+        ]
+    else:
+        out.append("No per-type breakdown (no evaluated prompts).")
+    out += ["", "## Sentinels", ""]
+    out += [
+        f"- **{a['name']}**: {a['sentinel']['verdict']}"
+        + (f" ({a['sentinel']['reason']})" if a["sentinel"].get("reason") else "")
+        for a in results["arms"]
+    ] or ["- no arm evaluated"]
+    out += ["", "## Leakage", "", *_leakage_lines(results), ""]
+    out += [
+        "## Decoding and prompts",
+        "",
+        f"Same for every arm: greedy (do_sample={dec['do_sample']}), max_new_tokens "
+        f"{dec['max_new_tokens']}, batch size {dec['batch_size']}, stop on "
+        f"{', '.join(repr(s) for s in dec['stop_strings'])} and on the model's EOS. base_icl "
+        f"prepends {dec['icl_k']} hand-written demonstrations (topics and constraint values "
+        "differ from the eval set).",
+        "",
+    ]
+    for a in results["arms"][:4]:
+        if a["prompt_format"] == "few_shot" or a["name"] == "base":
+            out += [f"Example prompt of `{a['name']}`:", "", "```text", a["example_prompt"], "```"]
+            out.append("")
+    out += ["## Memory and timing", "", _memory_table(results) if results["arms"] else "", ""]
+    timing = results["timing"]
+    load_s = timing.get("model_load_s")
+    out.append(
+        f"Total {timing['total_s']:.1f} s; base model "
+        + (f"loaded once in {load_s:.1f} s" if load_s is not None else "not loaded (all cached)")
+        + "; one base model resident at a time, adapters swapped onto it."
+    )
+    out += ["", "## Sample outputs", "", *_sample_lines(results)]
+    if plots:
+        out += ["## Plots", ""]
+        out += [f"![{name}]({path})" for name, path in plots.items()]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+# -------------------------------------------------------------------------------- plots
+
+
+def plot_accuracy(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Prompt-level strict and loose accuracy per arm with Wilson CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in results["arms"] if a.get("summary")]
+    names = [a["name"] for a in arms]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 2), 3.6))
+    width = 0.38
+    for k, (metric, label) in enumerate([("prompt_strict", "strict"), ("prompt_loose", "loose")]):
+        acc = [a["summary"][metric]["accuracy"] for a in arms]
+        lo = [acc[i] - a["summary"][metric]["ci_low"] for i, a in enumerate(arms)]
+        hi = [a["summary"][metric]["ci_high"] - acc[i] for i, a in enumerate(arms)]
+        xs = [i + (k - 0.5) * width for i in range(len(arms))]
+        ax.bar(xs, acc, width, yerr=[lo, hi], capsize=4, label=f"prompt-level {label}")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("accuracy (95% Wilson CI)")
+    ax.set_ylim(0, 1)
+    n = results["headline"]["n_prompts"]
+    ax.set_title(f"Verifiable instruction following (n = {n} prompts)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_type_heatmap(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Instruction-level strict accuracy per (instruction type, arm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    per_type = results["per_type"]
+    arms = [a["name"] for a in results["arms"]]
+    grid = np.array([[row["accuracy"][arm] for arm in arms] for row in per_type], dtype=float)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(arms), 1.2 + 0.32 * len(per_type)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(arms)), arms)
+    ax.set_yticks(
+        range(len(per_type)), [f"{row['type']} (n={row['n']})" for row in per_type], fontsize=7
+    )
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(
+                j,
+                i,
+                f"{100 * grid[i, j]:.0f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if grid[i, j] < 0.6 else "black",
+            )
+    fig.colorbar(im, ax=ax, label="strict instruction accuracy")
+    ax.set_title("Per instruction type")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------- outputs
+
+
+def summary_table(results: Mapping[str, Any]) -> str:
+    """Plain-text table printed at the end of a run."""
+    lines = [
+        f"{'arm':<14} {'n':>5} {'prompt strict [95% CI]':>26} {'loose':>7} "
+        f"{'instr strict':>12} {'sentinel':>10}"
+    ]
+    for a in results["arms"]:
+        s = a.get("summary")
+        if not s:
+            lines.append(f"{a['name']:<14} (no headline prompts)")
+            continue
+        lines.append(
+            f"{a['name']:<14} {s['n_prompts']:>5} {pct_ci(s['prompt_strict']):>26} "
+            f"{pct(s['prompt_loose']['accuracy']):>7} "
+            f"{pct(s['instruction_strict']['accuracy']):>12} {a['sentinel']['verdict']:>10}"
+        )
+    for s in results.get("skipped_arms", []):
+        lines.append(f"{s['name']:<14} SKIPPED: {s['reason']}")
+    for c in results.get("comparisons", []):
+        lines.append(
+            f"  {c['arm_b']} - {c['arm_a']}: {fmt_points(c['diff'])} "
+            f"(discordant {c['n_a_only']}/{c['n_b_only']}, p_holm {fmt_p(c['p_value_holm'])})"
+        )
+    leak = results["leakage"]
+    lines.append(
+        "leakage: "
+        + (
+            f"{leak['n_leaked']}/{leak['n_test']} prompts ({pct(leak['rate'], 2)}), "
+            f"{results['headline']['n_excluded_leaked']} excluded"
+            if leak["status"] == "checked"
+            else f"not checked ({leak['reason']})"
+        )
+    )
+    return "\n".join(lines)
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write results.json, the plots and report.md into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out_dir / RESULTS_JSON, "report": out_dir / REPORT_MD}
+    write_json_atomic(paths["results"], json.loads(json.dumps(results, default=str)))
+    plots: dict[str, str] = {}
+    if any(a.get("summary") for a in results["arms"]):
+        paths["accuracy_plot"] = plot_accuracy(results, out_dir / ACCURACY_PNG)
+        plots["accuracy per arm"] = ACCURACY_PNG
+    if results["per_type"]:
+        paths["type_heatmap"] = plot_type_heatmap(results, out_dir / TYPE_HEATMAP_PNG)
+        plots["per-type accuracy"] = TYPE_HEATMAP_PNG
+    tmp = paths["report"].with_suffix(".md.tmp")
+    tmp.write_text(render_markdown(results, plots), encoding="utf-8")
+    tmp.replace(paths["report"])
+    return paths
