@@ -268,3 +268,31 @@ def test_choose_variant_uses_dev_and_prefers_fewer_shots_on_ties():
     metrics = {2: mk(0.7, 0.5, 0.8), 4: mk(0.7, 0.6, 0.8), 8: mk(0.6, 0.9, 0.7)}
     assert cc.choose_variant(metrics, "pairs") == 4  # same accuracy, better consistency
     assert cc.choose_variant(metrics, "instructions") == 2  # same AUC, fewer shots
+
+
+def test_variant_metrics_choose_the_threshold_on_dev_and_report_test(checkset):
+    """Synthetic verdicts: the instruction threshold comes from dev rows only."""
+    pairs = [
+        {"split": c["split"], "kind": c["kind"], "p_first": 0.7, "position_consistent": True,
+         "p_a_mean": 0.6}
+        for c in checkset["pairs"]
+    ]  # fmt: skip
+    # Dev: perfectly separated at 0.65; test: separated at 0.35 (a dev-chosen t misfires).
+    score = {("dev", True): 0.8, ("dev", False): 0.5, ("test", True): 0.4, ("test", False): 0.3}
+    ins = [
+        {"split": c["split"], "label": c["label"], "score": score[c["split"], c["label"]]}
+        for c in checkset["instructions"]
+    ]
+    m = cc.variant_metrics({"pairs": pairs, "instructions": ins})
+    assert m["instructions_dev"]["threshold"] == pytest.approx(0.65)
+    assert m["instructions_test"]["threshold"] == pytest.approx(0.65)
+    assert m["instructions_dev"]["accuracy"]["rate"] == 1.0
+    assert m["instructions_test"]["recall_good"]["rate"] == 0.0  # no peeking at test
+    assert m["instructions_test"]["auc"] == 1.0
+    assert m["pairs_test"]["accuracy"]["rate"] == 1.0 and m["pairs_test"][
+        "mean_p_a"
+    ] == pytest.approx(0.6)
+    n_test = sum(c["split"] == "test" for c in checkset["pairs"])
+    assert m["pairs_test"]["accuracy"]["n"] == n_test
+    per_kind = cc.per_kind_accuracy(pairs, "test")
+    assert set(per_kind) == set(cc.PAIR_KINDS)
