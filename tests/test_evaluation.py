@@ -112,6 +112,8 @@ def test_arms_run_sequentially_on_one_load_and_missing_adapter_is_skipped(first_
         assert arm["n_generated"] == N and arm["n_cached"] == 0
         assert arm["memory"]["peak_rss_mib"] >= arm["memory"]["rss_start_mib"] > 0
         assert arm["memory"]["ru_maxrss_mib"] >= arm["memory"]["peak_rss_mib"] * 0.99
+        (session,) = arm["generation_sessions"]  # timings kept beside the cache
+        assert session["n_generated"] == N and session["new_tokens"] > 0
     # the same decoding and stop policy for every arm, recorded
     assert results["decoding"]["do_sample"] is False
     assert results["decoding"]["stop_strings"] == ["\nInstruction:"]
@@ -145,6 +147,7 @@ def test_rerun_is_served_from_cache_without_generation_or_model_load(
     assert again["scores"] == results["scores"]
     assert again["comparisons"] == results["comparisons"]
     assert again["model"]["loaded"] is False
+    assert [len(a["generation_sessions"]) for a in again["arms"]] == [1, 1, 1]
 
 
 def test_interrupted_run_resumes_after_a_torn_line(tmp_path, tiny_qwen_dir, monkeypatch):
@@ -274,6 +277,30 @@ def test_adapter_of_another_base_is_refused_before_generation(tmp_path):
         check_adapter_base(tmp_path / "nowhere", "ab" * 32)
 
 
+def test_model_spec_rejects_unknown_keys():
+    assert ModelSpec.from_dict({"name": "m", "dtype": None}) == ModelSpec(name="m")
+    with pytest.raises(ValueError, match="unknown model config key"):
+        ModelSpec.from_dict({"nmae": "m"})
+
+
+def test_stable_vocab_order_lets_transformers_cache_the_stop_string_table(tiny_qwen_dir):
+    # transformers keys its stop-string cache on tuple(get_vocab().keys()); a fast tokenizer
+    # returns a different order per call, so every generate() rebuilt the table (seconds).
+    from transformers import AutoTokenizer
+    from transformers.generation import stopping_criteria as sc
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_qwen_dir))
+    vocab = tok.get_vocab()
+    evaluation.stabilize_vocab_order(tok)
+    assert tok.get_vocab() == vocab
+    ids = list(tok.get_vocab().values())
+    assert ids == sorted(ids) and list(tok.get_vocab()) == list(tok.get_vocab())
+    sc.StopStringCriteria(tok, ["\nInstruction:"])
+    n_cached = len(sc.STOP_STRING_EMBEDDING_CACHE)
+    sc.StopStringCriteria(tok, ["\nInstruction:"])
+    assert len(sc.STOP_STRING_EMBEDDING_CACHE) == n_cached  # the second build hit the cache
+
+
 def test_cache_key_tracks_what_changes_outputs_but_not_batch_size():
     base = {
         "weights_sha256": "w",
@@ -308,6 +335,9 @@ def test_sentinel_not_importable_is_recorded_as_not_run(monkeypatch):
     out = evaluation.sentinels_unavailable(small_config(run_sentinels=True))
     assert out["verdict"] == "not run" and "not importable" in out["reason"]
     assert evaluation.sentinels_unavailable(small_config())["status"] == "disabled"
+    for off in ("off", False, None):  # YAML reads a bare `off` as False (KNOWN_BUGS #10)
+        cfg = small_config(run_sentinels=True, sentinel={"mode": off})
+        assert evaluation.sentinels_unavailable(cfg)["reason"] == "sentinels.mode=off"
 
 
 def test_sentinel_suite_runs_once_per_model_state_and_is_cached(

@@ -108,3 +108,20 @@ def test_report_without_evaluated_arms_or_leakage_check_says_so(results, tmp_pat
     assert "No arm was evaluated." in md and "Leakage NOT checked" in md
     assert "Fewer than two arms were evaluated" in md
     assert "accuracy_plot" not in paths
+
+
+def test_trained_arm_that_does_not_beat_base_icl_is_called_out(results):
+    arms = [dict(a) for a in results["arms"]]
+    arms[0]["adapter_dir"] = "runs/x/sft/adapter"  # pretend base were a trained arm
+    verdict = {"arm": "base", "reference": "base_icl", "gain": -0.0, "p_value_holm": 1.0}
+    md = report.render_markdown(
+        {**results, "arms": arms, "verdicts": [{**verdict, "verdict": "no significant difference"}]}
+    )
+    assert (
+        "- **base** vs **base_icl**: no significant difference (+0.0 pts for base, "
+        "p_holm = 1.0000). base does NOT beat the zero-training in-context baseline" in md
+    )
+    md = report.render_markdown(
+        {**results, "arms": arms, "verdicts": [{**verdict, "gain": 0.2, "verdict": "beats"}]}
+    )
+    assert "+20.0 pts for base" in md and "does NOT beat" not in md

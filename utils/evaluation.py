@@ -24,6 +24,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import resource
@@ -867,8 +868,151 @@ def check_leakage(
 # ------------------------------------------------------------------------------- the run
 
 
+def _record_session(path: Path, info: Mapping[str, Any]) -> None:
+    sessions = json.loads(path.read_text()) if path.exists() else []
+    sessions.append(
+        {
+            "created_unix": round(time.time(), 3),
+            "n_generated": info["n_generated"],
+            "new_tokens": info["new_tokens_generated"],
+            "generation_s": round(info["generation_s"], 3),
+            "memory": info["memory"],
+            "load_average_1min": round(os.getloadavg()[0], 2),  # timings on a shared machine
+        }
+    )
+    write_json_atomic(path, sessions)
+
+
 def _stop_reasons(gens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(g["stop_reason"] for g in gens).items()))
+
+
+@dataclass
+class _ArmContext:
+    """What every arm of one evaluation shares."""
+
+    config: EvalConfig
+    model: ModelSpec
+    session: ModelSession
+    records: list[dict]
+    demos: list[tuple[str, str]]
+    decoding: DecodingConfig
+    base_sha: str
+    pset_sha: str
+    cache_dir: Path
+    log: Callable[[str], None]
+
+
+def _evaluate_arm(spec: ArmSpec, ctx: _ArmContext) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(arm info, id -> generation) for one arm: cache first, the model only for what is
+    missing (generations, sentinel verdict), peak RSS measured over the arm."""
+    config, records = ctx.config, ctx.records
+    prompts = {r["id"]: arm_prompt(spec, r["prompt"], ctx.demos) for r in records}
+    key_fields = cache_key_fields(
+        weights_sha256=ctx.base_sha,
+        adapter_sha256=adapter_hash(spec.adapter_dir) if spec.adapter_dir else None,
+        prompt_set_sha256=ctx.pset_sha,
+        decoding=ctx.decoding,
+        prompt_format=prompt_format_id(spec, ctx.demos),
+        load_options=ctx.model.load_options(),
+    )
+    key = cache_key(key_fields)
+    cache_path = ctx.cache_dir / f"{key}.jsonl"
+    sessions_path = ctx.cache_dir / f"{key}.sessions.json"
+    write_json_atomic(ctx.cache_dir / f"{key}.meta.json", {"arm": spec.name, **key_fields})
+    cached, torn = read_arm_cache(cache_path, prompts)
+    if torn:
+        ctx.log(f"arm {spec.name}: dropped {torn} torn line(s) from {cache_path} (resuming)")
+    done = {g["id"] for g in cached}
+    pending = [(r["id"], prompts[r["id"]]) for r in records if r["id"] not in done]
+    # Sentinels judge the model state (base + adapter), so base and base_icl share one.
+    sentinel_key = config_hash(
+        {**key_fields, "prompt_set_sha256": None, "decoding_sha256": None,
+         "prompt_format": None, "sentinel": config.sentinel}
+    )[:32]  # fmt: skip
+    sentinel_path = ctx.cache_dir / f"sentinel-{sentinel_key}.json"
+    sentinel = sentinels_unavailable(config)
+    if sentinel is None and sentinel_path.exists():
+        sentinel = json.loads(sentinel_path.read_text())
+    info: dict[str, Any] = {
+        "name": spec.name,
+        "status": "evaluated",
+        "prompt_format": spec.prompt_format,
+        "adapter_dir": str(spec.adapter_dir) if spec.adapter_dir else None,
+        "adapter_sha256": key_fields["adapter_sha256"],
+        "cache_key": key,
+        "cache_path": str(cache_path),
+        "n_cached": len(cached),
+        "n_generated": len(pending),
+        "new_tokens_generated": 0,
+        "generation_s": 0.0,
+        "memory": None,
+    }
+    ctx.log(f"arm {spec.name}: {len(cached)} cached, {len(pending)} to generate")
+    if pending or sentinel is None:
+        with PeakRSSMonitor(config.rss_interval_s) as mon:
+            t_arm = time.perf_counter()
+            with ctx.session.arm(spec) as lm:
+                if pending:
+                    n_tok, secs = generate_into_cache(
+                        lm, spec.name, pending, ctx.decoding, cache_path, config.progress
+                    )
+                    info["new_tokens_generated"], info["generation_s"] = n_tok, secs
+                if sentinel is None:
+                    sentinel = run_sentinels(lm, config)
+                    if sentinel["status"] == "ran":  # only real results are worth caching
+                        write_json_atomic(sentinel_path, sentinel)
+            info["arm_s"] = time.perf_counter() - t_arm
+            release_memory()
+        info["memory"] = mon.to_dict()
+        cached, _ = read_arm_cache(cache_path, prompts)
+        if pending:
+            _record_session(sessions_path, info)
+    # Timings and memory of every run that generated into this cache: a cached rerun still
+    # reports how long generation took and how much memory it needed.
+    info["generation_sessions"] = (
+        json.loads(sessions_path.read_text()) if sessions_path.exists() else []
+    )
+    info["sentinel"] = sentinel
+    info["tokens_per_s"] = (
+        info["new_tokens_generated"] / info["generation_s"] if info["generation_s"] else None
+    )
+    by_id = {g["id"]: g for g in cached}
+    if set(by_id) != set(prompts):
+        raise RuntimeError(f"arm {spec.name}: cache {cache_path} is incomplete after generation")
+    info["stop_reasons"] = _stop_reasons(list(by_id.values()))
+    info["mean_new_tokens"] = sum(g["n_new_tokens"] for g in by_id.values()) / len(by_id)
+    info["example_prompt"] = prompts[records[0]["id"]]
+    return info, by_id
+
+
+def _samples(
+    records: Sequence[Mapping[str, Any]],
+    headline: Sequence[Mapping[str, Any]],
+    scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    n_samples: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The same few headline prompts, answered by every arm, for the report."""
+    rng = random.Random(seed)
+    sample_ids = rng.sample([r["id"] for r in headline], min(n_samples, len(headline)))
+    by_record = {r["id"]: r for r in records}
+    return [
+        {
+            "id": sid,
+            "instruction": by_record[sid]["prompt"],
+            "instruction_ids": by_record[sid]["instruction_ids"],
+            "arms": {
+                arm: {
+                    "response": arm_scores[sid]["response"],
+                    "prompt_strict": arm_scores[sid]["prompt_strict"],
+                    "stop_reason": arm_scores[sid]["stop_reason"],
+                }
+                for arm, arm_scores in scores.items()
+            },
+        }
+        for sid in sample_ids
+    ]
 
 
 def run_evaluation(
@@ -886,140 +1030,51 @@ def run_evaluation(
     if not run_dir.is_dir():
         raise EvalInputError(f"run directory {run_dir} does not exist")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
-    cache_dir = out_dir / "cache"
 
     records = build_eval_set(config.n_prompts, config.seed)
-    pset_sha = prompt_set_hash(records)
-    demos = icl_examples()[: config.icl_k]
-    decoding = config.decoding()
     specs, skipped = resolve_arms(run_dir, config.arms, adapters)
     for s in skipped:
         log(f"SKIPPED arm {s['name']}: {s['reason']}")
-
     leakage = check_leakage(records, load_train_instructions(run_dir), config.leakage_threshold)
     leaked = set(leakage["ids"]) if config.exclude_leaked else set()
     headline = [r for r in records if r["id"] not in leaked]
+    session = ModelSession(model, log=log)
+    ctx = _ArmContext(
+        config=config,
+        model=model,
+        session=session,
+        records=records,
+        demos=icl_examples()[: config.icl_k],
+        decoding=config.decoding(),
+        base_sha=session.weights_sha256(),
+        pset_sha=prompt_set_hash(records),
+        cache_dir=out_dir / "cache",
+        log=log,
+    )
     log(
-        f"eval set: {len(records)} prompts (sha256 {pset_sha[:12]}), leakage "
+        f"eval set: {len(records)} prompts (sha256 {ctx.pset_sha[:12]}), leakage "
         f"{leakage.get('n_leaked', 'not checked')}, headline n={len(headline)}"
     )
-
-    session = ModelSession(model, log=log)
-    base_sha = session.weights_sha256()
-    for spec in specs:
+    for spec in specs:  # fail before hours of generation, not after
         if spec.adapter_dir is not None:
-            check_adapter_base(spec.adapter_dir, base_sha)
+            check_adapter_base(spec.adapter_dir, ctx.base_sha)
 
     arm_results: list[dict[str, Any]] = []
     generations: dict[str, dict[str, dict]] = {}
     for spec in specs:
-        prompts = {r["id"]: arm_prompt(spec, r["prompt"], demos) for r in records}
-        key_fields = cache_key_fields(
-            weights_sha256=base_sha,
-            adapter_sha256=adapter_hash(spec.adapter_dir) if spec.adapter_dir else None,
-            prompt_set_sha256=pset_sha,
-            decoding=decoding,
-            prompt_format=prompt_format_id(spec, demos),
-            load_options=model.load_options(),
-        )
-        key = cache_key(key_fields)
-        cache_path = cache_dir / f"{key}.jsonl"
-        write_json_atomic(cache_dir / f"{key}.meta.json", {"arm": spec.name, **key_fields})
-        cached, torn = read_arm_cache(cache_path, prompts)
-        if torn:
-            log(f"arm {spec.name}: dropped {torn} torn line(s) from {cache_path} (resuming)")
-        done = {g["id"] for g in cached}
-        pending = [(r["id"], prompts[r["id"]]) for r in records if r["id"] not in done]
-        # Sentinels judge the model state (base + adapter), so base and base_icl share one.
-        sentinel_key = config_hash(
-            {**key_fields, "prompt_set_sha256": None, "decoding_sha256": None,
-             "prompt_format": None, "sentinel": config.sentinel}
-        )[:32]  # fmt: skip
-        sentinel_path = cache_dir / f"sentinel-{sentinel_key}.json"
-        sentinel = sentinels_unavailable(config)
-        if sentinel is None and sentinel_path.exists():
-            sentinel = json.loads(sentinel_path.read_text())
-        needs_model = bool(pending) or sentinel is None
-        info: dict[str, Any] = {
-            "name": spec.name,
-            "status": "evaluated",
-            "prompt_format": spec.prompt_format,
-            "adapter_dir": str(spec.adapter_dir) if spec.adapter_dir else None,
-            "adapter_sha256": key_fields["adapter_sha256"],
-            "cache_key": key,
-            "cache_path": str(cache_path),
-            "n_cached": len(cached),
-            "n_generated": len(pending),
-            "new_tokens_generated": 0,
-            "generation_s": 0.0,
-            "memory": None,
-        }
-        log(f"arm {spec.name}: {len(cached)} cached, {len(pending)} to generate")
-        if needs_model:
-            with PeakRSSMonitor(config.rss_interval_s) as mon:
-                t_arm = time.perf_counter()
-                with session.arm(spec) as lm:
-                    if pending:
-                        n_tok, secs = generate_into_cache(
-                            lm, spec.name, pending, decoding, cache_path, config.progress
-                        )
-                        info["new_tokens_generated"], info["generation_s"] = n_tok, secs
-                    if sentinel is None:
-                        sentinel = run_sentinels(lm, config)
-                        if sentinel["status"] == "ran":  # only real results are worth caching
-                            write_json_atomic(sentinel_path, sentinel)
-                info["arm_s"] = time.perf_counter() - t_arm
-                release_memory()
-            info["memory"] = mon.to_dict()
-            cached, _ = read_arm_cache(cache_path, prompts)
-        info["sentinel"] = sentinel
-        info["tokens_per_s"] = (
-            info["new_tokens_generated"] / info["generation_s"] if info["generation_s"] else None
-        )
-        by_id = {g["id"]: g for g in cached}
-        if set(by_id) != set(prompts):
-            raise RuntimeError(
-                f"arm {spec.name}: cache {cache_path} is incomplete after generation"
-            )
-        generations[spec.name] = by_id
-        gens = list(by_id.values())
-        info["stop_reasons"] = _stop_reasons(gens)
-        info["mean_new_tokens"] = sum(g["n_new_tokens"] for g in gens) / len(gens)
-        info["example_prompt"] = prompts[records[0]["id"]]
+        info, generations[spec.name] = _evaluate_arm(spec, ctx)
         arm_results.append(info)
     provenance = session.lm.provenance if session.lm is not None else None
     load_s = session.load_s
     session.close()
 
-    arm_names = [a["name"] for a in arm_results]
-    scores = {arm: score_arm(records, generations[arm]) for arm in arm_names}
+    scores = {arm: score_arm(records, gens) for arm, gens in generations.items()}
+    statistics = compute_statistics(headline, scores, list(scores), config) if scores else {}
     for info in arm_results:
         arm_scores = scores[info["name"]]
+        info["summary"] = statistics.get("summaries", {}).get(info["name"])
         info["summary_all_prompts"] = arm_summary(list(arm_scores.values()), config.confidence)
         info["n_marker_leaked"] = sum(s["marker_leaked"] for s in arm_scores.values())
-    statistics = compute_statistics(headline, scores, arm_names, config) if arm_names else {}
-    for info in arm_results:
-        info["summary"] = statistics.get("summaries", {}).get(info["name"])
-
-    rng = random.Random(config.seed)
-    sample_ids = rng.sample([r["id"] for r in headline], min(config.n_samples, len(headline)))
-    by_record = {r["id"]: r for r in records}
-    samples = [
-        {
-            "id": sid,
-            "instruction": by_record[sid]["prompt"],
-            "instruction_ids": by_record[sid]["instruction_ids"],
-            "arms": {
-                arm: {
-                    "response": scores[arm][sid]["response"],
-                    "prompt_strict": scores[arm][sid]["prompt_strict"],
-                    "stop_reason": scores[arm][sid]["stop_reason"],
-                }
-                for arm in arm_names
-            },
-        }
-        for sid in sample_ids
-    ]
     return {
         "schema": "eval-results/1",
         "run_dir": str(run_dir),
@@ -1028,21 +1083,21 @@ def run_evaluation(
         "config": config.to_dict(),
         "model": {
             "spec": asdict(model),
-            "weights_sha256": base_sha,
+            "weights_sha256": ctx.base_sha,
             "provenance": provenance,
             "loaded": provenance is not None,
             "load_s": load_s,
         },
         "decoding": {
-            **decoding.to_dict(),
+            **ctx.decoding.to_dict(),
             "eos": "model EOS / stop_token_ids (always a stop)",
             "icl_k": config.icl_k,
-            "icl_instructions": [d[0] for d in demos],
+            "icl_instructions": [d[0] for d in ctx.demos],
         },
         "prompt_set": {
             "n": len(records),
             "seed": config.seed,
-            "sha256": pset_sha,
+            "sha256": ctx.pset_sha,
             "type_counts": type_counts(records),
         },
         "leakage": leakage,
@@ -1057,7 +1112,7 @@ def run_evaluation(
         "mde": statistics.get("mde"),
         "per_type": statistics.get("per_type", []),
         "verdicts": statistics.get("verdicts", []),
-        "samples": samples,
+        "samples": _samples(records, headline, scores, config.n_samples, config.seed),
         "scores": {
             arm: {
                 sid: {k: s[k] for k in ("prompt_strict", "prompt_loose", "instruction_strict")}

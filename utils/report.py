@@ -46,7 +46,9 @@ def fmt_p(p: float | None) -> str:
 
 def fmt_points(x: float | None) -> str:
     """An accuracy difference in percentage points, signed."""
-    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.1f} pts"
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{100 * x + 0.0:+.1f} pts"  # + 0.0 turns -0.0 into 0.0
 
 
 def _md_cell(text: Any) -> str:
@@ -76,11 +78,18 @@ def _headline_lines(results: Mapping[str, Any]) -> list[str]:
         + (f" ({n_excl} leaked prompt(s) excluded)" if n_excl else " (no prompt excluded)")
         + "; success = every instruction of the prompt followed (IFEval prompt-level strict)."
     )
+    trained = {a["name"] for a in results["arms"] if a.get("adapter_dir")}
     for v in results.get("verdicts", []):
-        lines.append(
-            f"- **{v['arm']}** {v['verdict']} **{v['reference']}**: "
-            f"{fmt_points(v['gain'])}, p_holm = {fmt_p(v['p_value_holm'])}"
+        line = (
+            f"- **{v['arm']}** vs **{v['reference']}**: {v['verdict']} "
+            f"({fmt_points(v['gain'])} for {v['arm']}, p_holm = {fmt_p(v['p_value_holm'])})"
         )
+        if v["arm"] in trained and v["reference"] == "base_icl" and v["verdict"] != "beats":
+            line += (
+                f". {v['arm']} does NOT beat the zero-training in-context baseline, which "
+                "every trained arm must"
+            )
+        lines.append(line)
     if mde:
         if mde["mde_independent_errors"] is None:
             detail = "no gain is detectable at this n"
@@ -219,21 +228,33 @@ def _memory_table(results: Mapping[str, Any]) -> str:
     for a in results["arms"]:
         mem = a.get("memory")
         tok_s = a.get("tokens_per_s")
+        sessions = a.get("generation_sessions", [])
+        gen_s = sum(x["generation_s"] for x in sessions)
+        tokens = sum(x["new_tokens"] for x in sessions)
+        peaks = [x["memory"]["peak_rss_mib"] for x in sessions if x.get("memory")]
+        loads = [x.get("load_average_1min") for x in sessions if x.get("load_average_1min")]
         rows.append(
             [
                 a["name"],
                 a["n_cached"],
                 a["n_generated"],
-                a["new_tokens_generated"],
                 f"{a['generation_s']:.1f}",
                 "n/a" if tok_s is None else f"{tok_s:.1f}",
                 "cached (no model)" if mem is None else f"{mem['peak_rss_mib']:.0f}",
                 "n/a" if mem is None else f"{mem['ru_maxrss_mib']:.0f}",
+                (
+                    f"{len(sessions)}: {gen_s:.1f} s, {tokens} tokens"
+                    + (f", peak {max(peaks):.0f} MiB" if peaks else "")
+                    + (f", load avg {max(loads):.1f}" if loads else "")
+                )
+                if sessions
+                else "none recorded",
             ]
         )
     header = [
-        "arm", "prompts from cache", "prompts generated", "new tokens", "generation s",
-        "tokens/s", "peak RSS MiB (sampled, this arm)", "ru_maxrss MiB (process so far)",
+        "arm", "prompts from cache", "prompts generated now", "generation s (now)",
+        "tokens/s (now)", "peak RSS MiB (sampled, this arm)", "ru_maxrss MiB (process so far)",
+        "all generating sessions",
     ]  # fmt: skip
     return md_table(header, rows)
 
