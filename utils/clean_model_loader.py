@@ -237,6 +237,9 @@ class LoadedModel:
     model_dir: Path | None = None
     sentinel_result: dict[str, Any] | None = None
     adapters: list[str] = field(default_factory=list)
+    # Derived, read-only helpers keyed by their inputs (e.g. stop-string matchers, which cost
+    # seconds to build over a 262k vocabulary); no generation state lives here.
+    derived_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     # -- the one encode path -------------------------------------------------------------
     def encode(self, text: str, allow_control_tokens: bool = False) -> list[int]:

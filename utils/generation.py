@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from utils.clean_model_loader import LoadedModel
 
@@ -128,6 +129,18 @@ class PerRowGumbelSampler(LogitsProcessor):
         return out
 
 
+def stop_string_criteria(lm: LoadedModel, stop_strings: Sequence[str]) -> StopStringCriteria:
+    """transformers' whole-string matcher, built once per model and stop strings.
+
+    Its own cache misses when the tokenizer returns its vocabulary in another order, which
+    cost 5-10 s per call (Qwen) and more on Gemma's 262k vocabulary. The matcher is stateless
+    between calls, so reusing it keeps calls independent."""
+    key = ("stop_string_criteria", tuple(stop_strings))
+    if key not in lm.derived_cache:
+        lm.derived_cache[key] = StopStringCriteria(lm.tokenizer, list(stop_strings))
+    return lm.derived_cache[key]
+
+
 def _batches(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -218,8 +231,9 @@ def generate(
             "temperature": None,
         }
         if decoding.stop_strings:
-            kwargs["stop_strings"] = list(decoding.stop_strings)
-            kwargs["tokenizer"] = lm.tokenizer
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [stop_string_criteria(lm, decoding.stop_strings)]
+            )
         if decoding.do_sample:
             per_row = [row_seed(seeds[i], prompts[i]) for i in batch]
             kwargs["logits_processor"] = LogitsProcessorList(
@@ -264,9 +278,11 @@ def next_token_logprobs(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for batch in _batches(order, batch_size):
         ids, mask = _pad_left([encoded[i] for i in batch], lm.policy.pad_token_id)
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits[
-            :, -1, :
-        ]
+        # logits_to_keep=1: only the last position's logits (the 262k-wide head dominates cost).
+        out_logits = lm.model(
+            input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), logits_to_keep=1
+        )
+        logits = out_logits.logits[:, -1, :]
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         out[batch] = logp[:, cand]
     return out
