@@ -510,6 +510,7 @@ def test_report_renders_from_a_calibration_record():
     assert "| pos | True | **contaminated**" in md and "| neg | False | **clean**" in md
     assert all(f"| {s.name} | 0/1 | 0/1 |" in md for s in C.SENTINELS)
     assert "`t\\|x\\ny`" in md  # table cells escaped
+    assert C._code("```json") == "```` ```json ````" and C._code("<eos>") == "`<eos>`"
     assert "weight-probe score at most 0.001" in md
     assert "weight-probe score at least 0.5" in md
 

@@ -1107,6 +1107,14 @@ def _cell(text: str, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
+def _code(text: str) -> str:
+    """A markdown code span that survives backticks in ``text`` (a fence longer than any run
+    inside it) and keeps chat markup like <end_of_turn> from being read as HTML."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    return f"{fence} {text} {fence}" if longest else f"`{text}`"
+
+
 def summary_table(result: Mapping[str, Any], width: int = 60) -> str:
     """The printable per-sentinel table of one suite result."""
     lines = [f"{'sentinel':<13} {'score':>5}  {'followed (greedy|sampled)':<26} sample output"]
@@ -1231,6 +1239,7 @@ def calibration_report(cal: Mapping[str, Any], extra: Mapping[str, Any] | None =
             "", "Justification (the margins measured above):", ""]  # fmt: skip
     out += _justification(cal)
 
+    out += ["", "## Limits", ""] + [f"- {x}" for x in REPORT_LIMITS]
     out += ["", "## Per-sentinel outputs (greedy)", ""]
     for c in ctl:
         out += [
@@ -1244,13 +1253,13 @@ def calibration_report(cal: Mapping[str, Any], extra: Mapping[str, Any] | None =
                 if x["decoding"] != "greedy":
                     continue
                 out.append(
-                    f"| {s['name']} | {x['followed']} | {x['stop_reason']} | {_cell(x['reason'], 50)} | `{_cell(x['text'], 90)}` |"
+                    f"| {s['name']} | {x['followed']} | {x['stop_reason']} | {_cell(x['reason'], 50)} | {_code(_cell(x['text'], 90))} |"
                 )
         gp = (c["result"]["generation_probe"] or {"per_format": {}})["per_format"]
         for f, v in gp.items():
             for x in v["samples"][:1]:
                 out.append(
-                    f"| probe:{f} | closed={x['closed']} | {x['stop_reason']} | {_cell(x['question'], 50)} | `{_cell(x['text'], 90)}` |"
+                    f"| probe:{f} | closed={x['closed']} | {x['stop_reason']} | {_cell(x['question'], 50)} | {_code(_cell(x['text'], 90))} |"
                 )
         out.append("")
     out += ["## Sampled outputs", ""]
@@ -1266,10 +1275,24 @@ def calibration_report(cal: Mapping[str, Any], extra: Mapping[str, Any] | None =
         out += [f"### {c['control']['name']}", ""]
         for name, x in sampled:
             out.append(
-                f"- {name} T={x['temperature']} seed={x['seed']} followed={x['followed']}: `{_cell(x['text'], 100)}`"
+                f"- {name} T={x['temperature']} seed={x['seed']} followed={x['followed']}: {_code(_cell(x['text'], 100))}"
             )
         out.append("")
     return "\n".join(out) + "\n"
+
+
+REPORT_LIMITS = (
+    "The weight probe measures learned chat turn-taking. A BASE model whose pretraining data "
+    "held chat-formatted text (Qwen2.5 base models are reported to answer in ChatML) can score "
+    "high: a true property of those weights, but the bootstrap's premise is then weaker. Run "
+    "`scripts/run_sentinels.py --model <target>` on the real target (e.g. Qwen2.5-32B) before "
+    "trusting a verdict there; the thresholds here are calibrated on 135M/270M models only.",
+    "Trained arms (SFT/DPO/CAI adapters) are meant to follow instructions, so their behavioural "
+    "follow rate may rise; for them `component_verdicts` separates the static checks and the "
+    "chat-format weight probe (contamination) from raw behaviour (the training goal).",
+    "Sampled decoding is two temperatures x one seed per sentinel (CPU budget), so a follow "
+    "rate moves in steps of 1/6 per decoding; raise samples_per_temperature on a GPU.",
+)
 
 
 def _justification(cal: Mapping[str, Any]) -> list[str]:
