@@ -52,9 +52,17 @@ TINY = [
 
 
 def _run(out: Path, kill_when=None) -> int:
-    cmd = [sys.executable, str(REPO / "scripts" / "generate_stage1_sft_data.py"), "--out", str(out), *TINY]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "generate_stage1_sft_data.py"),
+        "--out",
+        str(out),
+        *TINY,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if kill_when is not None:
         deadline = time.time() + 600
         while proc.poll() is None and not kill_when() and time.time() < deadline:
@@ -73,11 +81,20 @@ def _run(out: Path, kill_when=None) -> int:
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, gemma):
     out = tmp_path / "stage1"
     # Kill as soon as the first response records are on disk (mid response step).
-    rc = _run(out, kill_when=lambda: (out / "train.jsonl").exists() or (out / "rejected_responses.jsonl").exists())
+    rc = _run(
+        out,
+        kill_when=lambda: (
+            (out / "train.jsonl").exists() or (out / "rejected_responses.jsonl").exists()
+        ),
+    )
     assert rc == -9 or (out / "manifest.json").exists()
     _run(out)
     train = read_jsonl(out / "train.jsonl")
-    rejected = read_jsonl(out / "rejected_responses.jsonl") if (out / "rejected_responses.jsonl").exists() else []
+    rejected = (
+        read_jsonl(out / "rejected_responses.jsonl")
+        if (out / "rejected_responses.jsonl").exists()
+        else []
+    )
     test = read_jsonl(out / "test_instructions.jsonl")
     ids = [r["id"] for r in train]
     assert len(ids) == len(set(ids)), "duplicate records after resume"

@@ -435,10 +435,10 @@ def _count(items: Any) -> dict[str, int]:
 
 
 def run_stage1(
-    lm: LoadedModel, cfg: Stage1Config, out_dir: Path, progress: bool = True
+    lm: LoadedModel, cfg: Stage1Config, out_dir: Path, progress: bool = True, critic_cfg: Any = None
 ) -> dict[str, Any]:
     """All four steps; returns a summary dict (the script writes it into the manifest)."""
-    gen = Stage1Generator(lm, cfg, out_dir, progress)
+    gen = Stage1Generator(lm, cfg, out_dir, progress, critic_cfg)
     t0 = time.perf_counter()
     instructions = gen.generate_instructions()
     rejected_ins = (
