@@ -114,3 +114,18 @@ def test_per_row_sampler_matches_the_nucleus_distribution(top_p, top_k):
     q = q / q.sum()
     assert bool(((counts > 0) <= keep).all()), "sampled outside the nucleus"
     assert float((counts / n - q).abs().max()) < 0.03
+
+
+def test_stop_string_matcher_is_built_once_per_model(tiny_qwen):
+    # Regression (KNOWN_BUGS #12): the matcher was rebuilt (seconds) on every call.
+    from utils.generation import stop_string_criteria
+
+    a = stop_string_criteria(tiny_qwen, ("\nInstruction:",))
+    generate(
+        tiny_qwen,
+        PROMPTS[:1],
+        DecodingConfig(max_new_tokens=2, stop_strings=("\nInstruction:",)),
+        progress=False,
+    )
+    assert stop_string_criteria(tiny_qwen, ("\nInstruction:",)) is a
+    assert stop_string_criteria(tiny_qwen, ("\n",)) is not a

@@ -121,3 +121,15 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, gemma):
     )  # fmt: skip
     again = generate(gemma, [rec["prompt"]], dc, seed=rec["seed"], progress=False)[0]
     assert again.raw_completion == rec["raw_completion"]
+
+
+def test_run_stage1_passes_the_critic_config():
+    # Regression (KNOWN_BUGS #13): the script passed critic_cfg, run_stage1 did not accept it.
+    import inspect
+
+    from utils.stage1 import run_stage1
+
+    params = inspect.signature(run_stage1).parameters
+    assert "critic_cfg" in params
+    src = inspect.getsource(run_stage1)
+    assert "critic_cfg)" in src.replace(" ", "")

@@ -112,6 +112,15 @@ def stage_status(stage: Stage, cfg: dict[str, Any], run_dir: Path) -> tuple[str,
     return ("resume" if d.exists() and any(d.iterdir()) else "new"), key
 
 
+def _aside_path(run_dir: Path, name: str) -> Path:
+    """A fresh ``<name>.stale-<time>[-n]`` path: two stale moves in one second must not collide."""
+    base = f"{name}.stale-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside, n = run_dir / base, 1
+    while aside.exists():
+        aside, n = run_dir / f"{base}-{n}", n + 1
+    return aside
+
+
 def run_pipeline(
     run_dir: Path,
     cfg: dict[str, Any],
@@ -135,7 +144,7 @@ def run_pipeline(
             rows.append({"stage": stage.name, "status": "skipped", "seconds": 0.0, "exit_code": 0})
             continue
         if status == "stale":
-            aside = run_dir / f"{stage.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}"
+            aside = _aside_path(run_dir, stage.name)
             d.rename(aside)
             log(
                 f"[pipeline] {stage.name}: config or inputs changed; previous output moved to {aside.name}"

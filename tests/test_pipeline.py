@@ -1,0 +1,111 @@
+"""The pipeline's skip / resume / stale logic, with real stage scripts (tiny ones) in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from utils.pipeline import STAGES, STAMP, Stage, run_pipeline, stage_status
+
+# A real stage script: appends one line per run to a counter file (so reruns are visible),
+# writes its output from the config value it was given, and fails on request.
+STAGE_SCRIPT = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from utils.config import load_config
+args = sys.argv[1:]
+cfg = load_config(args[args.index("--config") + 1], [args[i + 1] for i, a in enumerate(args) if a == "--set"])
+out = Path(args[args.index("--out") + 1]); out.mkdir(parents=True, exist_ok=True)
+with open(out / "runs.log", "a") as f:
+    f.write("run\\n")
+if cfg["toy"]["fail"]:
+    sys.exit(3)
+(out / "result.txt").write_text(str(cfg["toy"]["value"]))
+"""
+
+
+def _setup(tmp_path: Path):
+    repo = Path(__file__).resolve().parent.parent
+    script = tmp_path / "toy_stage.py"
+    script.write_text(STAGE_SCRIPT.format(repo=str(repo)))
+    config = tmp_path / "toy.yaml"
+    config.write_text("toy:\n  value: 1\n  fail: false\nother:\n  x: 0\n")
+    stages = (
+        Stage("a", str(script), sections=("toy",), inputs=(), args=lambda run: ["--out", str(run / "a")]),
+        Stage("b", str(script), sections=("other",), inputs=("a/result.txt",), args=lambda run: ["--out", str(run / "b")]),
+    )  # fmt: skip
+    return stages, config
+
+
+def _cfg(config: Path, overrides=()):
+    from utils.config import load_config
+
+    return load_config(config, list(overrides))
+
+
+def _runs(run: Path, stage: str) -> int:
+    return (run / stage / "runs.log").read_text().count("run")
+
+
+def test_finished_stages_are_skipped_and_changes_rerun_what_depends_on_them(tmp_path):
+    stages, config = _setup(tmp_path)
+    run = tmp_path / "run"
+    rows = run_pipeline(run, _cfg(config), str(config), [], stages=stages, log=lambda m: None)
+    assert [r["status"] for r in rows] == ["ran", "ran"] and all(r["exit_code"] == 0 for r in rows)
+    assert (run / "a" / STAMP).exists() and (run / "b" / STAMP).exists()
+
+    rows = run_pipeline(run, _cfg(config), str(config), [], stages=stages, log=lambda m: None)
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert _runs(run, "a") == 1 and _runs(run, "b") == 1
+
+    # Changing stage a's config reruns a (old output moved aside, not deleted) and, since a's
+    # output changed, b as well.
+    over = ["toy.value=2"]
+    rows = run_pipeline(
+        run, _cfg(config, over), str(config), over, stages=stages, log=lambda m: None
+    )
+    assert [r["status"] for r in rows] == ["ran", "ran"]
+    assert (run / "a" / "result.txt").read_text() == "2"
+    assert len(list(run.glob("a.stale-*"))) == 1 and len(list(run.glob("b.stale-*"))) == 1
+
+    # Changing only b's section leaves a alone.
+    over2 = ["toy.value=2", "other.x=5"]
+    rows = run_pipeline(
+        run, _cfg(config, over2), str(config), over2, stages=stages, log=lambda m: None
+    )
+    assert [r["status"] for r in rows] == ["skipped", "ran"]
+
+
+def test_a_failed_stage_stops_the_pipeline_and_is_resumed_next_time(tmp_path):
+    stages, config = _setup(tmp_path)
+    run = tmp_path / "run"
+    over = ["toy.fail=true"]
+    rows = run_pipeline(
+        run, _cfg(config, over), str(config), over, stages=stages, log=lambda m: None
+    )
+    assert rows == [{"stage": "a", "status": "ran", "seconds": rows[0]["seconds"], "exit_code": 3}]
+    assert not (run / "a" / STAMP).exists()
+    status, _ = stage_status(stages[0], _cfg(config), run)
+    assert status == "resume"  # output present but unfinished
+    rows = run_pipeline(run, _cfg(config), str(config), [], stages=stages, log=lambda m: None)
+    assert [r["status"] for r in rows] == ["resumed", "ran"]
+    assert _runs(run, "a") == 2  # same directory, resumed in place
+
+
+def test_real_stage_list_is_ordered_and_wired():
+    names = [s.name for s in STAGES]
+    assert names == ["stage1", "sft", "pairs", "dpo", "eval"]
+    repo = Path(__file__).resolve().parent.parent
+    for s in STAGES:
+        assert (repo / s.script).exists(), s.script
+        assert all(isinstance(a, str) for a in s.args(Path("runs/x")))
+    # every input a stage reads is produced by an earlier stage
+    produced = set()
+    for s in STAGES:
+        for i in s.inputs:
+            assert i.split("/")[0] in produced, (s.name, i)
+        produced.add(s.name)
+    json.dumps([s.sections for s in STAGES])
+    assert sys.executable
