@@ -1,4 +1,5 @@
-"""The base-model critic: preference maths, prompts, batching, and the verifiable check set."""
+"""The base-model critic: preference maths (pairwise and pointwise), prompts, batching, the
+verifiable check set, and evaluate_critic.py end to end on a tiny model."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ from utils import critic_checkset as cc
 from utils.critic import (
     INSTRUCTION_SHOTS,
     PAIR_SHOTS,
+    POINTWISE_PROMPTS,
+    RESPONSE_SHOTS,
     CriticConfig,
     compare_pairs,
+    histogram,
     instruction_prompt,
     judge_instructions,
+    judge_prompt_id,
     pair_prompt,
+    pointwise_preference,
+    response_prompt,
+    response_verdict,
+    score_responses,
     soft_preference,
     two_way_prob,
 )
@@ -72,6 +81,63 @@ def test_constant_position_bias_never_flips_the_preference():
                 assert (p > 0.5) == (d > 0)
 
 
+def test_pointwise_verdict_and_preference_hand_values():
+    v = response_verdict(L(0.3), L(0.1))
+    assert v["score"] == pytest.approx(0.75) and v["logit_nats"] == pytest.approx(math.log(3))
+    assert v["answer_mass"] == pytest.approx(0.4)
+    # s1 = .75 (logit ln 3), s2 = .25 (logit -ln 3): p = sigmoid(2 ln 3) = 9 / 10.
+    r = pointwise_preference((L(0.3), L(0.1)), (L(0.01), L(0.03)))
+    assert r["p_first"] == pytest.approx(0.9)
+    assert r["margin_nats"] == pytest.approx(2 * math.log(3))
+    assert r["position_consistent"] is None and r["pair_mode"] == "pointwise"
+    assert r["first"]["score"] == pytest.approx(0.75) and r["second"]["score"] == pytest.approx(
+        0.25
+    )
+    # Swapping the two gives exactly 1 - p.
+    swapped = pointwise_preference((L(0.01), L(0.03)), (L(0.3), L(0.1)))
+    assert swapped["p_first"] == pytest.approx(0.1)
+    assert r["p_first"] + swapped["p_first"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_pointwise_equal_scores_give_one_half_whatever_the_answer_mass():
+    # Same normalised score (.75) from very different raw masses: exactly 0.5, margin 0.
+    r = pointwise_preference((L(0.3), L(0.1)), (L(0.003), L(0.001)))
+    assert r["p_first"] == pytest.approx(0.5, abs=1e-12)
+    assert r["margin_nats"] == pytest.approx(0.0, abs=1e-12)
+    r = pointwise_preference((L(0.5), L(0.2)), (L(0.5), L(0.2)))
+    assert r["p_first"] == 0.5 and r["margin_nats"] == 0.0
+
+
+def test_pointwise_yes_bias_cancels_and_infinities_are_handled():
+    # A judge that adds log-odds b to every response (says "Yes" to anything): p unchanged.
+    def lp(logit: float) -> tuple[float, float]:  # (log P(Yes), log P(No)) with P(Yes)+P(No)=1
+        return (-math.log1p(math.exp(-logit)), -math.log1p(math.exp(logit)))
+
+    for z1, z2 in ((1.0, -0.5), (0.2, 0.3), (-2.0, -2.5)):
+        p0 = pointwise_preference(lp(z1), lp(z2))["p_first"]
+        assert p0 == pytest.approx(1 / (1 + math.exp(-(z1 - z2))))
+        for b in (-3.0, 1.5, 4.0):
+            assert pointwise_preference(lp(z1 + b), lp(z2 + b))["p_first"] == pytest.approx(p0)
+    # No mass on " Yes" for both: both logits -inf, a tie (not NaN).
+    r = pointwise_preference((-math.inf, L(0.5)), (-math.inf, L(0.2)))
+    assert r["p_first"] == 0.5 and r["margin_nats"] == 0.0
+    # No mass on " No" for the first only: it is certainly preferred.
+    assert pointwise_preference((L(0.5), -math.inf), (L(0.1), L(0.1)))["p_first"] == 1.0
+    # No mass on either answer: score 0.5, logit 0 (no information).
+    v = response_verdict(-math.inf, -math.inf)
+    assert v["score"] == 0.5 and v["logit_nats"] == 0.0
+    with pytest.raises(ValueError, match="log-probability"):
+        response_verdict(0.3, -1.0)
+
+
+def test_histogram_bins():
+    h = histogram([0.5, 0.52, 0.56, 0.99, 1.0])
+    assert h["counts"] == [2, 1, 0, 0, 0, 0, 0, 0, 0, 2] and len(h["edges"]) == 11
+    assert histogram([0.1, 0.9], lo=0.0, hi=1.0, bins=2)["counts"] == [1, 1]
+    with pytest.raises(ValueError, match="outside"):
+        histogram([0.4])
+
+
 # -- config ------------------------------------------------------------------------------------
 
 
@@ -84,6 +150,32 @@ def test_config_rejects_unknown_and_bad_values():
         CriticConfig(pair_confidence_threshold=0.4)
     with pytest.raises(ValueError, match="n_shots_pairs"):
         CriticConfig(n_shots_pairs=len(PAIR_SHOTS) + 1)
+    with pytest.raises(ValueError, match="pair_mode"):
+        CriticConfig(pair_mode="both")
+    with pytest.raises(ValueError, match="pointwise_prompt"):
+        CriticConfig(pointwise_prompt="nope")
+    with pytest.raises(ValueError, match="n_shots_pointwise"):
+        CriticConfig(n_shots_pointwise=len(RESPONSE_SHOTS) + 1)
+    assert CriticConfig().pair_mode == "pairwise"  # pointwise was not better on dev
+
+
+def test_judge_prompt_id_records_the_mode_and_the_template_in_use():
+    pw = judge_prompt_id(CriticConfig(pair_mode="pointwise"))
+    ab = judge_prompt_id(CriticConfig(pair_mode="pairwise"))
+    assert pw["pair_mode"] == "pointwise" and ab["pair_mode"] == "pairwise"
+    assert pw["pair_prompt_sha256"] != ab["pair_prompt_sha256"]
+    assert pw["instruction_prompt_sha256"] == ab["instruction_prompt_sha256"]
+    assert pw["pair_answers"] == "' Yes'/' No'" and ab["pair_answers"] == "' A'/' B'"
+    other = judge_prompt_id(CriticConfig(pair_mode="pointwise", pointwise_prompt="exact-v1"))
+    assert other["pair_prompt_sha256"] != pw["pair_prompt_sha256"]
+    assert pw["pair_judge_id"].startswith("critic-v2/pointwise/grader-v1/")
+    assert ab["pair_judge_id"].startswith("critic-v2/pairwise/ab-both-orders/")
+    assert pw["pair_judge_id"].endswith(pw["pair_prompt_sha256"][:12])
+    # Shot count changes the template, so it changes the id.
+    fewer = judge_prompt_id(CriticConfig(pair_mode="pointwise", n_shots_pointwise=2))
+    assert fewer["pair_judge_id"] != pw["pair_judge_id"]
+    # ... while the pairwise id ignores the pointwise settings.
+    assert judge_prompt_id(CriticConfig(n_shots_pointwise=2)) == ab
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -104,6 +196,32 @@ def test_prompts_are_plain_documents_ending_before_the_answer():
         pair_prompt("Name a fruit.", "Mango", "  ", 2)
 
 
+def test_pointwise_prompt_is_the_shared_format_with_balanced_contrastive_shots():
+    for pid, (header, question) in POINTWISE_PROMPTS.items():
+        p = response_prompt(" Name a fruit. ", " Mango. ", 4, pid)
+        assert p.endswith(f"Instruction: Name a fruit.\nResponse: Mango.\n{question}")
+        assert p.startswith(header)
+        assert p.count(f"{question} Yes") == 2 and p.count(f"{question} No") == 2
+        assert not re.search(r"<\||\|>|<start_of_turn>|<end_of_turn>|\[INST\]|<s>", p)
+        assert "user:" not in p.lower() and "assistant:" not in p.lower()
+    bare = response_prompt("Name a fruit.", "Mango.", 0, "exact-v1")
+    assert bare.count("Answer:") == 1
+    # Every demonstration pair: the good response is labelled Yes, the bad one No, same instruction.
+    assert len(RESPONSE_SHOTS) == 2 * len(PAIR_SHOTS)
+    for k, (ins, a, b, better) in enumerate(PAIR_SHOTS):
+        pair = RESPONSE_SHOTS[2 * k : 2 * k + 2]
+        labels = {resp: verdict for i, resp, verdict in pair if i == ins}
+        assert labels == {a: "Yes" if better == "A" else "No", b: "Yes" if better == "B" else "No"}
+    for n in range(0, len(RESPONSE_SHOTS) + 1, 4):
+        assert sum(v == "Yes" for _, _, v in RESPONSE_SHOTS[:n]) == n // 2
+    with pytest.raises(ValueError, match="response is empty"):
+        response_prompt("Name a fruit.", " ", 2, "exact-v1")
+    with pytest.raises(ValueError, match="unknown pointwise prompt"):
+        response_prompt("Name a fruit.", "Mango.", 2, "nope")
+    with pytest.raises(ValueError, match="n_shots"):
+        response_prompt("Name a fruit.", "Mango.", len(RESPONSE_SHOTS) + 1, "exact-v1")
+
+
 def test_judging_goes_through_lm_encode_batched_and_orders_are_consistent(tiny_qwen, monkeypatch):
     seen: list[str] = []
     real = tiny_qwen.encode
@@ -114,7 +232,7 @@ def test_judging_goes_through_lm_encode_batched_and_orders_are_consistent(tiny_q
         return real(text, allow_control_tokens)
 
     monkeypatch.setattr(tiny_qwen, "encode", spy)
-    cfg = CriticConfig(n_shots_pairs=1, n_shots_instructions=1, batch_size=3)
+    cfg = CriticConfig(pair_mode="pairwise", n_shots_pairs=1, n_shots_instructions=1, batch_size=3)
     items = [("Name a fruit.", "Mango.", "Tiger."), ("What is 2+2?", "4", "5")]
     fwd = compare_pairs(tiny_qwen, items, cfg)
     assert len(seen) == 4 and all(s.endswith("better? Answer:") for s in seen)
@@ -133,6 +251,45 @@ def test_judging_goes_through_lm_encode_batched_and_orders_are_consistent(tiny_q
         assert v["score"] == pytest.approx(1 / (1 + math.exp(v["logp_no"] - v["logp_yes"])))
         assert v["accepted"] == (v["score"] >= cfg.min_instruction_score)
         assert v["logp_yes"] <= 0 and v["logp_no"] <= 0
+
+
+def test_pointwise_judge_scores_each_response_once_through_lm_encode(tiny_qwen, monkeypatch):
+    seen: list[str] = []
+    real = tiny_qwen.encode
+
+    def spy(text, allow_control_tokens=False):
+        seen.append(text)
+        assert allow_control_tokens is False
+        return real(text, allow_control_tokens)
+
+    monkeypatch.setattr(tiny_qwen, "encode", spy)
+    cfg = CriticConfig(pair_mode="pointwise", n_shots_pointwise=2, batch_size=3)
+    question = POINTWISE_PROMPTS[cfg.pointwise_prompt][1]
+    items = [("Name a fruit.", "Mango.", "Tiger."), ("What is 2+2?", "4", "5")]
+    fwd = compare_pairs(tiny_qwen, items, cfg)
+    # One prompt per response, no order, plain documents with no control text.
+    assert len(seen) == 4 and all(s.endswith(f"\n{question}") for s in seen)
+    assert sum(s.endswith(f"Response: Mango.\n{question}") for s in seen) == 1
+    for control in tiny_qwen.policy.control_token_strings:
+        assert not any(control in s for s in seen)
+    seen.clear()
+    rev = compare_pairs(tiny_qwen, [(i, b, a) for i, a, b in items], cfg)
+    verdicts = score_responses(tiny_qwen, [(i, r) for i, a, b in items for r in (a, b)], cfg)
+    for k, (f, r) in enumerate(zip(fwd, rev, strict=True)):
+        assert f["p_first"] + r["p_first"] == pytest.approx(1.0, abs=1e-6)  # swap -> 1 - p
+        assert f["position_consistent"] is None and f["pair_mode"] == "pointwise"
+        v1, v2 = verdicts[2 * k], verdicts[2 * k + 1]
+        assert f["first"]["score"] == pytest.approx(v1["score"], abs=1e-6)
+        want = 1 / (1 + math.exp(-(v1["logit_nats"] - v2["logit_nats"])))
+        assert f["p_first"] == pytest.approx(want, abs=1e-6)
+        assert v1["logp_yes"] <= 0 and v1["logp_no"] <= 0
+        assert v1["pointwise_prompt"] == cfg.pointwise_prompt
+    # Identical responses: one prompt, and exactly one half.
+    seen.clear()
+    [same] = compare_pairs(tiny_qwen, [("Name a fruit.", "Mango.", " Mango. ")], cfg)
+    assert len(seen) == 1 and same["p_first"] == 0.5
+    with pytest.raises(ValueError, match="expected \\(instruction, response\\)"):
+        score_responses(tiny_qwen, [("Name a fruit.",)], cfg)
 
 
 # -- check set -------------------------------------------------------------------------------
@@ -258,19 +415,70 @@ def test_thresholds_and_instruction_metrics_hand_values():
     assert m["auc"] == pytest.approx(1.0)
 
 
-def test_choose_variant_uses_dev_and_prefers_fewer_shots_on_ties():
-    def mk(acc, cons, auc):
+def test_pair_metrics_without_positions():
+    # Pointwise verdicts carry no order: consistency does not apply (n=0), accuracy still counts.
+    m = cc.pair_metrics([0.9, 0.3, 0.7], [None, None, None], (0.6,))
+    assert m["accuracy"]["successes"] == 2
+    assert m["position_consistency"]["n"] == 0 and m["position_consistency"]["rate"] is None
+    assert m["consistent_and_correct"]["rate"] is None
+    m = cc.pair_metrics([0.9, 0.3], [True, None])
+    assert m["position_consistency"]["n"] == 1 and m["position_consistency"]["rate"] == 1.0
+
+
+def test_quantile_and_soft_label_distribution_hand_values():
+    assert cc.quantile([4.0, 1.0, 3.0, 2.0], 0.5) == pytest.approx(2.5)
+    assert cc.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.1) == pytest.approx(1.4)
+    assert cc.quantile([7.0], 0.9) == 7.0
+    with pytest.raises(ValueError, match="no values"):
+        cc.quantile([], 0.5)
+    # Soft label = max(p, 1 - p): .2 -> .8, .45 -> .55.
+    d = cc.soft_label_distribution([0.2, 0.45, 0.5, 0.9, 0.62])
+    assert d["n"] == 5 and d["mean"] == pytest.approx((0.8 + 0.55 + 0.5 + 0.9 + 0.62) / 5)
+    assert d["quantiles"]["min"] == 0.5 and d["quantiles"]["max"] == pytest.approx(0.9)
+    assert d["quantiles"]["p50"] == pytest.approx(0.62)
+    assert d["histogram"]["counts"] == [1, 1, 1, 0, 0, 0, 1, 0, 1, 0]
+
+
+def test_confidence_threshold_is_the_smallest_that_keeps_mostly_right_pairs():
+    # Soft labels (max(p, 1-p)) and correctness: .95 R, .85 R, .8 R, .72 W, .7 R, .62 W, .58 W.
+    p = [0.95, 0.85, 0.8, 0.28, 0.7, 0.38, 0.42]
+    r = cc.choose_confidence_threshold(p, (0.5, 0.6, 0.7, 0.75, 0.8), min_accuracy=0.75,
+                                       min_covered=3)  # fmt: skip
+    table = {row["threshold"]: row for row in r["table"]}
+    assert table[0.5]["covered"] == 7 and table[0.5]["accuracy"] == pytest.approx(4 / 7)
+    assert table[0.6]["covered"] == 6 and table[0.6]["accuracy"] == pytest.approx(4 / 6)
+    assert table[0.7]["covered"] == 5 and table[0.7]["accuracy"] == pytest.approx(4 / 5)
+    assert table[0.8]["covered"] == 3 and table[0.8]["accuracy"] == 1.0
+    assert [row["qualifies"] for row in r["table"]] == [False, False, True, True, True]
+    assert r["threshold"] == 0.7
+    # Too few covered cases never qualify; nothing qualifying gives None.
+    assert cc.choose_confidence_threshold(p, (0.8,), 0.75, min_covered=4)["threshold"] is None
+    assert cc.choose_confidence_threshold(p, (0.6, 0.8), 0.9, min_covered=3)["threshold"] == 0.8
+    # Exact ties (p = .5) are never kept, so they never count.
+    assert cc.choose_confidence_threshold([0.5, 0.5], (0.5,), 0.5, 1)["table"][0]["covered"] == 0
+    with pytest.raises(ValueError, match="outside"):
+        cc.choose_confidence_threshold(p, (0.4,))
+
+
+def test_choose_variant_uses_dev_and_prefers_the_first_listed_on_ties():
+    def mk(acc, cons, mean_p=0.5):
         return {
-            "pairs_dev": {"accuracy": {"rate": acc}, "position_consistency": {"rate": cons}},
-            "instructions_dev": {"auc": auc},
+            "accuracy": {"rate": acc},
+            "position_consistency": {"rate": cons},
+            "mean_p_good": mean_p,
         }
 
-    metrics = {2: mk(0.7, 0.5, 0.8), 4: mk(0.7, 0.6, 0.8), 8: mk(0.6, 0.9, 0.7)}
-    assert cc.choose_variant(metrics, "pairs") == 4  # same accuracy, better consistency
-    assert cc.choose_variant(metrics, "instructions") == 2  # same AUC, fewer shots
+    metrics = {"ab/2": mk(0.7, 0.5), "ab/4": mk(0.7, 0.6), "ab/8": mk(0.6, 0.9)}
+    assert cc.choose_variant(metrics, "pairs") == "ab/4"  # same accuracy, better consistency
+    pointwise = {"a/4": mk(0.8, None, 0.6), "b/4": mk(0.8, None, 0.7), "a/8": mk(0.8, None, 0.7)}
+    assert cc.choose_variant(pointwise, "pairs") == "b/4"  # then mean P(good); then first listed
+    ins = {2: {"auc": 0.8}, 4: {"auc": 0.8}, 8: {"auc": 0.7}}
+    assert cc.choose_variant(ins, "instructions") == 2
+    with pytest.raises(ValueError, match="judge must be"):
+        cc.choose_variant(ins, "both")
 
 
-def test_variant_metrics_choose_the_threshold_on_dev_and_report_test(checkset):
+def test_split_metrics_choose_the_threshold_on_dev_and_report_test(checkset):
     """Synthetic verdicts: the instruction threshold comes from dev rows only."""
     pairs = [
         {"split": c["split"], "kind": c["kind"], "p_first": 0.7, "position_consistent": True,
@@ -283,16 +491,92 @@ def test_variant_metrics_choose_the_threshold_on_dev_and_report_test(checkset):
         {"split": c["split"], "label": c["label"], "score": score[c["split"], c["label"]]}
         for c in checkset["instructions"]
     ]
-    m = cc.variant_metrics({"pairs": pairs, "instructions": ins})
-    assert m["instructions_dev"]["threshold"] == pytest.approx(0.65)
-    assert m["instructions_test"]["threshold"] == pytest.approx(0.65)
-    assert m["instructions_dev"]["accuracy"]["rate"] == 1.0
-    assert m["instructions_test"]["recall_good"]["rate"] == 0.0  # no peeking at test
-    assert m["instructions_test"]["auc"] == 1.0
-    assert m["pairs_test"]["accuracy"]["rate"] == 1.0 and m["pairs_test"][
-        "mean_p_a"
-    ] == pytest.approx(0.6)
-    n_test = sum(c["split"] == "test" for c in checkset["pairs"])
-    assert m["pairs_test"]["accuracy"]["n"] == n_test
+    m = cc.instruction_judge_metrics(cc.split_cases(ins, "dev"), cc.split_cases(ins, "test"))
+    assert m["dev"]["threshold"] == pytest.approx(0.65)
+    assert m["test"]["threshold"] == pytest.approx(0.65)
+    assert m["dev"]["accuracy"]["rate"] == 1.0
+    assert m["test"]["recall_good"]["rate"] == 0.0  # no peeking at test
+    assert m["test"]["auc"] == 1.0
+    test_pairs = cc.split_cases(pairs, "test")
+    pm = cc.pair_split_metrics(test_pairs)
+    assert pm["accuracy"]["rate"] == 1.0 and pm["mean_p_a"] == pytest.approx(0.6)
+    assert pm["accuracy"]["n"] == sum(c["split"] == "test" for c in checkset["pairs"])
+    assert pm["soft_labels"]["quantiles"]["p50"] == pytest.approx(0.7)
+    pointwise = [{**r, "position_consistent": None} for r in test_pairs]
+    for r in pointwise:
+        del r["p_a_mean"]
+    pm = cc.pair_split_metrics(pointwise)
+    assert pm["mean_p_a"] is None and pm["position_consistency"]["rate"] is None
     per_kind = cc.per_kind_accuracy(pairs, "test")
     assert set(per_kind) == set(cc.PAIR_KINDS)
+    with pytest.raises(ValueError, match="split must be"):
+        cc.split_cases(pairs, "train")
+
+
+# -- evaluate_critic.py end to end on the tiny model --------------------------------------------
+
+
+def test_evaluate_critic_chooses_on_dev_and_scores_test_once(
+    tiny_qwen, tiny_qwen_dir, tmp_path, monkeypatch
+):
+    """Every variant sees dev cases only; test cases are scored once, by the dev-chosen
+    variant; the report records the mode, the prompt id and the soft-label distribution."""
+    import json
+
+    import yaml
+
+    from scripts import evaluate_critic as ev
+    from utils.clean_model_loader import CleanModelLoader
+
+    monkeypatch.setattr(CleanModelLoader, "load", lambda self, name=None: tiny_qwen)
+    calls: list[tuple[set, str, int]] = []
+    real = cc.score_pair_cases
+
+    def spy(lm, cases, cfg):
+        calls.append(({c["split"] for c in cases}, cfg.pointwise_prompt, cfg.n_shots_pointwise))
+        return real(lm, cases, cfg)
+
+    monkeypatch.setattr(cc, "score_pair_cases", spy)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(tiny_qwen_dir)},
+                "sentinels": {"mode": "off"},
+                "critic": {"batch_size": 48},  # few forward calls: the tiny model is call-bound
+            }
+        )
+    )
+    out = tmp_path / "out"
+    args = ["--config", str(cfg_path), "--out", str(out), "--pair-mode", "pointwise",
+            "--shots", "0", "--pointwise-prompts", "exact-v1,grader-v1",
+            "--instruction-shots", "none"]  # fmt: skip
+    rc = ev.main(args)
+    report = json.loads((out / "results.json").read_text())
+    assert rc == (0 if report["gate"]["passed"] else 1)
+    assert calls[:2] == [({"dev"}, "exact-v1", 0), ({"dev"}, "grader-v1", 0)]
+    chosen = report["chosen_on_dev"]["pair_variant"]
+    assert chosen in ("exact-v1/0", "grader-v1/0") and len(calls) == 3
+    assert calls[2] == ({"test"}, chosen.split("/")[0], 0)
+    dev_acc = {k: v["accuracy"]["rate"] for k, v in report["dev"]["pairs_by_variant"].items()}
+    assert dev_acc[chosen] == max(dev_acc.values())
+    test_ids = {c["id"] for c in cc.split_cases(cc.build_checkset()["pairs"], "test")}
+    assert {r["id"] for r in report["verdicts"]["pairs_test"]} == test_ids
+    assert report["pair_mode"] == "pointwise" and report["judge_prompt"]["pair_mode"] == "pointwise"
+    rec = report["recommended_critic_config"]
+    assert rec["pair_mode"] == "pointwise" and rec["n_shots_pointwise"] == 0
+    assert rec["pointwise_prompt"] == chosen.split("/")[0]
+    conf = report["chosen_on_dev"]["pair_confidence_threshold"]
+    if conf["threshold"] is not None:
+        assert rec["pair_confidence_threshold"] == conf["threshold"]
+    assert report["test"]["pairs"]["soft_labels"]["n"] == len(test_ids)
+    assert report["test"]["instructions"] is None
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pair_mode"] == "pointwise"
+    assert manifest["judge_prompt"]["pair_judge_id"] == report["judge_prompt"]["pair_judge_id"]
+    # Bad input: exit 2 before any model work.
+    assert ev.main([*args[:6], "--pointwise-prompts", "nope"]) == 2
+    assert ev.main([*args[:6], "--shots", "x"]) == 2
+    with pytest.raises(SystemExit) as e:
+        ev.main([*args[:4], "--pair-mode", "neither"])
+    assert e.value.code == 2

@@ -1,5 +1,6 @@
-"""Self-judged preference pairs: pure selection/counting maths, and end to end on a tiny Qwen2
-with a tiny LoRA adapter (generation with the adapter, judging with it disabled, resume)."""
+"""Self-judged preference pairs: pure selection/counting maths (pairwise and pointwise judge),
+and end to end on a tiny Qwen2 with a tiny LoRA adapter (generation with the adapter, judging
+with it disabled, resume, refusal to mix judges)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import shutil
 
 import pytest
 
-from utils.critic import PROMPT_VERSION, CriticConfig, compare_pairs
-from utils.jsonl_io import read_jsonl
+from utils.critic import PROMPT_VERSION, CriticConfig, compare_pairs, score_responses
+from utils.jsonl_io import JsonlError, read_jsonl
 from utils.preference_pairs import (
     PairsConfig,
     candidate_plan,
@@ -18,7 +19,10 @@ from utils.preference_pairs import (
     exclusion_reasons,
     generate_candidates,
     histogram,
+    judge_candidates,
     pair_records,
+    pointwise_candidate_scores,
+    pointwise_comparisons,
     run_preference_pairs,
     select_pairs,
     summarize_judgements,
@@ -96,6 +100,65 @@ def test_best_vs_worst_uses_the_direct_duel_for_the_label():
     assert p["soft_label"] == pytest.approx(0.55) and p["drop_reason"] == "below_confidence"
 
 
+def _lp(logit: float) -> dict[str, float]:
+    """A pointwise verdict's raw log-probs with P(Yes) + P(No) = 1 and the given log-odds."""
+    return {
+        "logp_yes": -math.log1p(math.exp(-logit)),
+        "logp_no": -math.log1p(math.exp(logit)),
+        "score": 1 / (1 + math.exp(-logit)),
+    }
+
+
+def test_pointwise_pairs_from_scores_hand_values():
+    # Logits ln 3, 0, -ln 3 (scores .75, .5, .25); candidate 3 excluded (no verdict).
+    verdicts = [_lp(math.log(3)), _lp(0.0), _lp(-math.log(3)), None]
+    comps = pointwise_comparisons(verdicts, [(0, 1), (0, 2), (1, 2)])
+    assert [c["p_first"] for c in comps] == pytest.approx([0.75, 0.9, 0.75])
+    assert all(c["position_consistent"] is None and c["pair_mode"] == "pointwise" for c in comps)
+    scores = pointwise_candidate_scores(verdicts)
+    assert scores[:3] == pytest.approx([0.75, 0.5, 0.25]) and scores[3] is None
+    # Position consistency never applies to pointwise pairs, even when required.
+    critic = CriticConfig(pair_confidence_threshold=0.8, require_position_consistent=True)
+    pairs = select_pairs(comps, scores, "all_pairs", critic)
+    assert [(p["chosen_index"], p["rejected_index"]) for p in pairs] == [(0, 1), (0, 2), (1, 2)]
+    assert [p["drop_reason"] for p in pairs] == ["below_confidence", None, "below_confidence"]
+    [bw] = select_pairs(comps, scores, "best_vs_worst", critic)
+    assert (bw["chosen_index"], bw["rejected_index"]) == (0, 2)
+    assert bw["soft_label"] == pytest.approx(0.9) and bw["margin"] == pytest.approx(0.8)
+    # Swapped order in the comparison: the chosen side and its label do not change.
+    [flipped] = pointwise_comparisons(verdicts, [(2, 0)])
+    assert flipped["p_first"] == pytest.approx(0.1)
+    [p] = select_pairs([flipped], scores, "all_pairs", critic)
+    assert (p["chosen_index"], p["soft_label"]) == (0, pytest.approx(0.9))
+    # Equal scores: a tie, dropped and counted as such.
+    tied = [_lp(0.4), _lp(0.4)]
+    [p] = select_pairs(pointwise_comparisons(tied, [(0, 1)]), pointwise_candidate_scores(tied),
+                       "best_vs_worst", critic)  # fmt: skip
+    assert p["soft_label"] == 0.5 and p["drop_reason"] == "tie"
+    with pytest.raises(ValueError, match="no pointwise verdict"):
+        pointwise_comparisons(verdicts, [(0, 3)])
+
+
+def test_summary_of_pointwise_judgements():
+    verdicts = [_lp(math.log(3)), _lp(0.0), _lp(-math.log(3))]
+    comps = pointwise_comparisons(verdicts, [(0, 1), (0, 2), (1, 2)])
+    scores = pointwise_candidate_scores(verdicts)
+    cand = {"source": "sft", "stop_reason": "eos", "excluded": None}
+    j = {
+        "pair_mode": "pointwise",
+        "judge_prompts": 3,
+        "candidates": [cand] * 3,
+        "comparisons": comps,
+        "pairs": select_pairs(
+            comps, scores, "all_pairs", CriticConfig(pair_confidence_threshold=0.8)
+        ),
+    }
+    s = summarize_judgements([j])
+    assert s["pair_modes"] == {"pointwise": 1} and s["judge_prompts"] == 3
+    assert s["comparisons"] == 3 and s["position_consistent_rate"] is None
+    assert s["pairs_kept"] == 1 and s["pairs_dropped"]["below_confidence"] == 2
+
+
 def test_histogram_and_summary_count_every_drop():
     h = histogram([0.5, 0.52, 0.56, 0.99, 1.0])
     assert h["counts"] == [2, 1, 0, 0, 0, 0, 0, 0, 0, 2] and len(h["edges"]) == 11
@@ -122,6 +185,7 @@ def test_histogram_and_summary_count_every_drop():
     assert s["pairs_considered"] == 3 and s["pairs_kept"] == 1
     assert s["pairs_dropped"] == {"below_confidence": 1, "position_inconsistent": 0, "tie": 1}
     assert s["position_consistent_rate"] == pytest.approx(1 / 3)
+    assert s["pair_modes"] == {"pairwise": 2} and s["judge_prompts"] == 6  # 2 orders x 3
     assert sum(s["soft_label_histogram_kept"]["counts"]) == 1
     assert sum(s["soft_label_histogram_considered"]["counts"]) == 3
 
@@ -182,7 +246,12 @@ CFG = PairsConfig(
     instructions_per_chunk=4,  # one chunk: each generate call pays a stop-string setup
     batch_size=8,
 )
-CRITIC = CriticConfig(n_shots_pairs=1, n_shots_instructions=1, pair_confidence_threshold=0.5)
+CRITIC = CriticConfig(
+    pair_mode="pairwise", n_shots_pairs=1, n_shots_instructions=1, pair_confidence_threshold=0.5
+)
+CRITIC_POINTWISE = CriticConfig(
+    pair_mode="pointwise", n_shots_pointwise=2, pair_confidence_threshold=0.5
+)
 
 
 def test_critic_judges_with_the_adapter_disabled(lm_sft, tiny_qwen):
@@ -197,6 +266,57 @@ def test_critic_judges_with_the_adapter_disabled(lm_sft, tiny_qwen):
     on = next_token_logprobs(lm_sft, ["Instruction: Hi\nResponse:"], [0, 1, 2])
     off = next_token_logprobs(tiny_qwen, ["Instruction: Hi\nResponse:"], [0, 1, 2])
     assert (on - off).abs().max().item() > 1e-4
+
+
+def test_pointwise_judge_scores_each_candidate_once_with_the_adapter_disabled(
+    lm_sft, tiny_qwen, monkeypatch
+):
+    """k prompts for k usable candidates (not k(k-1)), judged on the base weights; pairs and
+    drops derived from the scores; the judgement records the mode and the judge id."""
+    texts = [["Mango.", "Tiger.", "", "Pear and plum."], ["5", "5", "Five.", "six"]]
+    cands = [
+        [{"index": i, "text": t, "source": "sft", "seed": i, "stop_reason": "eos"}
+         for i, t in enumerate(row)]
+        for row in texts
+    ]  # fmt: skip
+    seen: list[str] = []
+    real = lm_sft.encode
+
+    def spy(text, allow_control_tokens=False):
+        seen.append(text)
+        return real(text, allow_control_tokens)
+
+    monkeypatch.setattr(lm_sft, "encode", spy)
+    cfg = PairsConfig(num_candidates=4, pair_selection="all_pairs")
+    critic = CriticConfig(pair_mode="pointwise", n_shots_pointwise=2, pair_confidence_threshold=0.5)
+    js = judge_candidates(lm_sft, RECORDS[:2], cands, cfg, critic)
+    # Usable: 3 in the first (one empty), 3 in the second (one duplicate): 6 prompts in all.
+    assert len(seen) == 6 and [j["judge_prompts"] for j in js] == [3, 3]
+    assert [c["excluded"] for c in js[1]["candidates"]] == [None, "duplicate", None, None]
+    base = score_responses(tiny_qwen, [(RECORDS[0]["instruction"], "Mango.")], critic)[0]
+    c0 = js[0]["candidates"][0]
+    assert c0["judge"]["logp_yes"] == pytest.approx(base["logp_yes"], abs=1e-5)  # adapter off
+    assert c0["score"] == pytest.approx(base["score"], abs=1e-6)
+    assert js[0]["candidates"][2]["judge"] is None and js[0]["candidates"][2]["score"] is None
+    for j in js:
+        assert j["pair_mode"] == "pointwise" and j["judge_prompt"]["pair_mode"] == "pointwise"
+        assert len(j["comparisons"]) == 3 == len(j["pairs"])
+        by_index = {c["index"]: c for c in j["candidates"]}
+        for comp in j["comparisons"]:
+            zi = by_index[comp["i"]]["judge"]["logit_nats"]
+            zj = by_index[comp["j"]]["judge"]["logit_nats"]
+            assert comp["p_first"] == pytest.approx(1 / (1 + math.exp(zj - zi)))
+        for p in j["pairs"]:
+            ch, rj = by_index[p["chosen_index"]], by_index[p["rejected_index"]]
+            assert ch["score"] >= rj["score"] and p["soft_label"] >= 0.5
+            assert p["kept"] == (p["soft_label"] > 0.5)
+        for rec in pair_records(j):
+            assert rec["judge"]["pair_mode"] == "pointwise"
+            assert rec["judge"]["pair_judge_id"].startswith("critic-v2/pointwise/")
+            assert rec["judge"]["position_consistent"] is None
+    s = summarize_judgements(js)
+    assert s["judge_prompts"] == 6 and s["pairs_considered"] == 6
+    assert s["pairs_kept"] + sum(s["pairs_dropped"].values()) == 6
 
 
 def test_sft_source_requires_the_adapter(tiny_qwen):
@@ -242,6 +362,7 @@ def test_end_to_end_writes_pairs_with_full_provenance(full_run):
         assert "prompt" not in cands[0] and "prompt_sha256" in cands[0]
         j = p["judge"]
         assert j["prompt_version"] and len(j["pair_prompt_sha256"]) == 64
+        assert j["pair_mode"] == "pairwise" and j["pair_judge_id"].startswith("critic-v2/pairwise")
         assert {"order_ab", "order_ba", "p_first", "position_consistent"} <= set(j)
         want = j["p_first"] if p["chosen_index"] == j["i"] else 1 - j["p_first"]
         assert p["soft_label"] == pytest.approx(want)
@@ -283,6 +404,18 @@ def test_resume_after_kill_has_no_duplicates_and_loses_nothing(full_run, lm_sft,
     assert [j["id"] for j in read_jsonl(b / "judgements.jsonl")] == [r["id"] for r in RECORDS]
     assert (b / "pairs.jsonl").read_text().startswith("".join(kept))
     assert s["counts"]["instructions"] == 3
+
+
+def test_resume_refuses_to_mix_judges(full_run, lm_sft, tmp_path):
+    out, _ = full_run
+    d = tmp_path / "mixed"
+    shutil.copytree(out, d)
+    with pytest.raises(JsonlError, match="another judge"):
+        run_preference_pairs(lm_sft, RECORDS, CFG, CRITIC_POINTWISE, d, progress=False)
+    # Only a judge-changing setting counts: a new threshold on the same judge resumes.
+    stricter = CriticConfig(**{**CRITIC.to_dict(), "pair_confidence_threshold": 0.9})
+    s = run_preference_pairs(lm_sft, RECORDS, CFG, stricter, d, progress=False)
+    assert s["resume"]["instructions_new"] == 0
 
 
 def test_script_end_to_end_counts_every_dropped_pair(

@@ -14,17 +14,32 @@ numbers are true log-probabilities and are kept next to the normalised score).
 
 * ``judge_instructions``: is an instruction clear, complete and answerable? score =
   P(Yes) / (P(Yes) + P(No)).
-* ``compare_pairs``: which of two responses follows the instruction better, asked in BOTH
-  orders. A small base model prefers a position (often "A"); averaging P(first is better) over
-  the two orders cancels a constant position bias exactly (a judge that always says "A" gives
-  0.5), and ``position_consistent`` says whether both orders picked the same response.
+* ``score_responses``: POINTWISE response judge. Each (instruction, response) is judged alone
+  ("Instruction: ...\nResponse: ...\nDoes the response follow the instruction exactly?
+  Answer: Yes"); score s = P(Yes) normalised over Yes/No, i.e. sigmoid(logit) with
+  logit = log P(Yes) - log P(No).
+* ``compare_pairs``: which of two responses follows the instruction better. Two modes
+  (``CriticConfig.pair_mode``):
+
+  - ``pointwise``: both responses scored alone; the soft preference for the first is
+    the Bradley-Terry probability sigmoid(logit(s1) - logit(s2)). It is in [0, 1], exactly 0.5
+    when the scores are equal, exactly 1 - p when the two are swapped, and has no position
+    bias by construction (no response is ever shown next to another). A judge-wide Yes bias
+    adds the same constant to both logits and cancels in the difference. Costs k prompts for
+    k candidates instead of k(k-1). On gemma-3-270m it is no better: P(Yes) rises with how
+    long and sentence-like a response is, not with whether it obeys the instruction.
+  - ``pairwise`` (default): an A/B document asked in BOTH orders. A small base model prefers
+    a position (often "A"); averaging P(first is better) over the two orders cancels a constant
+    position bias exactly (a judge that always says "A" gives 0.5), and ``position_consistent`` says
+    whether both orders picked the same response. On gemma-3-270m this judge is at chance: its
+    position bias (about +-0.12 in P(A)) swamps a +-0.02 content signal.
 
 The judge always runs on the base weights: when a LoRA adapter is attached (the SFT policy
 generating candidates), ``base_only`` disables it for the judging forward passes, so one model
 stays resident and the policy never grades itself.
 
-Prompt building and the preference maths are pure functions; only ``judge_instructions`` and
-``compare_pairs`` touch a model (handed in, never loaded here).
+Prompt building and the preference maths are pure functions; only ``judge_instructions``,
+``score_responses`` and ``compare_pairs`` touch a model (handed in, never loaded here).
 """
 
 from __future__ import annotations
@@ -41,7 +56,7 @@ if TYPE_CHECKING:  # the pure parts import without torch
 
 # Bump whenever a header, a demonstration or a question below changes: it is recorded in every
 # judged record, and ``judge_prompt_id`` hashes the exact text.
-PROMPT_VERSION = "critic-v1"
+PROMPT_VERSION = "critic-v2"  # v2: pointwise response judge added
 
 ANSWER_A, ANSWER_B = " A", " B"
 ANSWER_YES, ANSWER_NO = " Yes", " No"
@@ -112,6 +127,39 @@ INSTRUCTION_SHOTS: tuple[tuple[str, str], ...] = (
     ("1997", "No"),
 )
 
+PAIR_MODES = ("pointwise", "pairwise")
+
+# Pointwise response judge wordings: id -> (header or "", question). The id is recorded with
+# every label; wording and shot count were chosen on the DEV split of the check set.
+POINTWISE_PROMPTS: dict[str, tuple[str, str]] = {
+    "exact-v1": (
+        "Each instruction below was given to an assistant. A careful reviewer read the response "
+        "and wrote Yes if it follows the instruction exactly (correct, on topic, and in exactly "
+        "the form the instruction asks for) or No if it does not.",
+        "Does the response follow the instruction exactly? Answer:",
+    ),
+    "grader-v1": (
+        "Answer key of a strict grader. A response passes only if it is correct and obeys every "
+        "rule in its instruction: length, format, letter case, and words to use or avoid.",
+        "Does the response pass? Answer:",
+    ),
+}
+
+
+def _response_shots() -> tuple[tuple[str, str, str], ...]:
+    # Contrastive: each A/B demonstration gives its good response (Yes) and its bad one (No) for
+    # the SAME instruction, so a demonstration pair differs only in whether it follows. Pair k
+    # is shown Yes-then-No for even k, No-then-Yes for odd k: every prefix of 4 is balanced.
+    shots: list[tuple[str, str, str]] = []
+    for k, (ins, a, b, better) in enumerate(PAIR_SHOTS):
+        good, bad = (a, b) if better == "A" else (b, a)
+        pair = [(ins, good, "Yes"), (ins, bad, "No")]
+        shots.extend(pair if k % 2 == 0 else pair[::-1])
+    return tuple(shots)
+
+
+RESPONSE_SHOTS: tuple[tuple[str, str, str], ...] = _response_shots()
+
 
 @dataclass(frozen=True)
 class CriticConfig:
@@ -119,14 +167,36 @@ class CriticConfig:
     # (scripts/evaluate_critic.py): 2 vs 4 A/B shots tied within noise, 2 is cheaper; 4 Yes/No
     # shots gave dev AUC 0.91 vs 0.63; Gemma says "Yes" to almost anything, so the dev-best
     # threshold sits well above 0.5.
+    # Pair judge (runs/critic_eval*, gemma-3-270m, 24 dev / 48 test pairs): pairwise dev acc
+    # 13/24 (2 shots), test 0.50 [0.36, 0.64], soft labels all within 0.48-0.52; pointwise
+    # dev-best grader-v1 with 4 shots: dev 10/24, test 0.375 [0.25, 0.52], soft labels
+    # max(p, 1-p) up to 0.76 but confidently wrong (dev 1/11 right at >= 0.55). Pointwise is
+    # not better on dev, so pairwise stays the default. No threshold reaches 75% dev accuracy
+    # for either judge; 0.6 is above every pairwise dev label (max 0.522), so a chance-level
+    # judge yields no pairs (the pairs stage then says so) instead of coin-flip labels.
+    pair_mode: str = "pairwise"  # "pairwise" (A/B, both orders) | "pointwise" (each alone)
+    pointwise_prompt: str = "grader-v1"  # key of POINTWISE_PROMPTS (dev choice)
+    n_shots_pointwise: int = 4  # demonstrations in the pointwise prompt (dev: 4 beat 8)
     n_shots_pairs: int = 2  # demonstrations in the A/B prompt (at most len(PAIR_SHOTS))
     n_shots_instructions: int = 4  # demonstrations in the Yes/No prompt
     min_instruction_score: float = 0.62  # P(Yes) needed to call an instruction acceptable
     pair_confidence_threshold: float = 0.6  # P(chosen better) needed to keep a pair
-    require_position_consistent: bool = False  # drop pairs whose two orders disagree
+    require_position_consistent: bool = False  # pairwise only: drop pairs whose orders disagree
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        if self.pair_mode not in PAIR_MODES:
+            raise ValueError(f"pair_mode must be one of {PAIR_MODES}, got {self.pair_mode!r}")
+        if self.pointwise_prompt not in POINTWISE_PROMPTS:
+            raise ValueError(
+                f"pointwise_prompt must be one of {sorted(POINTWISE_PROMPTS)}, "
+                f"got {self.pointwise_prompt!r}"
+            )
+        if not 0 <= self.n_shots_pointwise <= len(RESPONSE_SHOTS):
+            raise ValueError(
+                f"n_shots_pointwise must be in 0..{len(RESPONSE_SHOTS)}, "
+                f"got {self.n_shots_pointwise}"
+            )
         if not 0 <= self.n_shots_pairs <= len(PAIR_SHOTS):
             raise ValueError(
                 f"n_shots_pairs must be in 0..{len(PAIR_SHOTS)}, got {self.n_shots_pairs}"
@@ -200,15 +270,49 @@ def instruction_prompt(instruction: str, n_shots: int) -> str:
     return "\n\n".join(blocks)
 
 
+def response_prompt(instruction: str, response: str, n_shots: int, prompt_id: str) -> str:
+    """The pointwise judging document for ONE response, ending right before " Yes"/" No".
+
+    Each block is the project's one format (``format_example``) followed by the question."""
+    from utils.response_format import EXAMPLE_SEPARATOR, format_example
+
+    if prompt_id not in POINTWISE_PROMPTS:
+        raise ValueError(
+            f"unknown pointwise prompt {prompt_id!r}; known: {sorted(POINTWISE_PROMPTS)}"
+        )
+    if not 0 <= n_shots <= len(RESPONSE_SHOTS):
+        raise ValueError(f"n_shots must be in 0..{len(RESPONSE_SHOTS)}, got {n_shots}")
+    instruction = _clean(instruction, "instruction")
+    response = _clean(response, "response")
+    header, question = POINTWISE_PROMPTS[prompt_id]
+    blocks = [header] if header else []
+    for ins, resp, verdict in RESPONSE_SHOTS[:n_shots]:
+        blocks.append(f"{format_example(ins, resp)}\n{question} {verdict}")
+    blocks.append(f"{format_example(instruction, response)}\n{question}")
+    return EXAMPLE_SEPARATOR.join(blocks)
+
+
 def judge_prompt_id(cfg: CriticConfig) -> dict[str, str]:
-    """Version and SHA-256 of both judging templates as configured: which judge made a label."""
-    pair_t = pair_prompt("{instruction}", "{response_a}", "{response_b}", cfg.n_shots_pairs)
+    """Which judge made a label: version, pair mode, and the SHA-256 of the judging templates
+    as configured. ``pair_prompt_sha256`` is the template the configured ``pair_mode`` uses;
+    ``pair_judge_id`` is the short form recorded next to every soft label."""
+    if cfg.pair_mode == "pointwise":
+        pair_t = response_prompt(
+            "{instruction}", "{response}", cfg.n_shots_pointwise, cfg.pointwise_prompt
+        )
+        answers, variant = f"{ANSWER_YES!r}/{ANSWER_NO!r}", cfg.pointwise_prompt
+    else:
+        pair_t = pair_prompt("{instruction}", "{response_a}", "{response_b}", cfg.n_shots_pairs)
+        answers, variant = f"{ANSWER_A!r}/{ANSWER_B!r}", "ab-both-orders"
     ins_t = instruction_prompt("{instruction}", cfg.n_shots_instructions)
+    pair_sha = hashlib.sha256(pair_t.encode()).hexdigest()
     return {
         "prompt_version": PROMPT_VERSION,
-        "pair_prompt_sha256": hashlib.sha256(pair_t.encode()).hexdigest(),
+        "pair_mode": cfg.pair_mode,
+        "pair_judge_id": f"{PROMPT_VERSION}/{cfg.pair_mode}/{variant}/{pair_sha[:12]}",
+        "pair_prompt_sha256": pair_sha,
         "instruction_prompt_sha256": hashlib.sha256(ins_t.encode()).hexdigest(),
-        "pair_answers": f"{ANSWER_A!r}/{ANSWER_B!r}",
+        "pair_answers": answers,
         "instruction_answers": f"{ANSWER_YES!r}/{ANSWER_NO!r}",
     }
 
@@ -260,6 +364,53 @@ def soft_preference(logp_ab: tuple[float, float], logp_ba: tuple[float, float]) 
     }
 
 
+def _sigmoid(d: float) -> float:
+    if d >= 0:  # numerically stable for either sign; sigmoid(+-inf) = 1 / 0
+        return 1.0 / (1.0 + math.exp(-d))
+    e = math.exp(d)
+    return e / (1.0 + e)
+
+
+def response_verdict(logp_yes: float, logp_no: float) -> dict[str, Any]:
+    """One pointwise verdict: score = P(Yes) over Yes/No and its log-odds ``logit_nats``
+    (= log P(Yes) - log P(No), so score = sigmoid(logit_nats)). No mass on either answer
+    gives score 0.5, logit 0 (no information)."""
+    score = two_way_prob(logp_yes, logp_no)  # validates both log-probabilities
+    no_mass = logp_yes == -math.inf and logp_no == -math.inf
+    logit = 0.0 if no_mass else logp_yes - logp_no  # +-inf when only one answer has no mass
+    return {
+        "score": score,
+        "logit_nats": logit,
+        "logp_yes": logp_yes,
+        "logp_no": logp_no,
+        "answer_mass": math.exp(logp_yes) + math.exp(logp_no),
+    }
+
+
+def pointwise_preference(
+    logp_first: tuple[float, float], logp_second: tuple[float, float]
+) -> dict[str, Any]:
+    """Soft preference for the FIRST response from two independent pointwise verdicts, each
+    given as (log P(" Yes"), log P(" No")).
+
+    p_first = sigmoid(logit(s1) - logit(s2)): the Bradley-Terry probability with the judge's
+    log-odds as strengths. In [0, 1]; 0.5 when the scores are equal; swapping the two gives
+    exactly 1 - p_first; a bias that adds c to every logit (a judge that says "Yes" to
+    anything) cancels. ``position_consistent`` is None: no order was ever shown."""
+    v1 = response_verdict(*logp_first)
+    v2 = response_verdict(*logp_second)
+    z1, z2 = v1["logit_nats"], v2["logit_nats"]
+    margin = 0.0 if z1 == z2 else z1 - z2  # equal infinities are a tie, not NaN
+    return {
+        "pair_mode": "pointwise",
+        "p_first": _sigmoid(margin),
+        "margin_nats": margin,  # log-odds that the first is better; sigmoid(margin) = p_first
+        "position_consistent": None,
+        "first": v1,
+        "second": v2,
+    }
+
+
 def instruction_verdict(logp_yes: float, logp_no: float, min_score: float) -> dict[str, Any]:
     score = two_way_prob(logp_yes, logp_no)
     return {
@@ -269,6 +420,21 @@ def instruction_verdict(logp_yes: float, logp_no: float, min_score: float) -> di
         "logp_no": logp_no,
         "answer_mass": math.exp(logp_yes) + math.exp(logp_no),
     }
+
+
+def histogram(values: Sequence[float], lo: float = 0.5, hi: float = 1.0, bins: int = 10) -> dict:
+    """Counts in ``bins`` equal bins over [lo, hi] (the last bin includes hi); soft labels of
+    kept pairs live in [0.5, 1], so the default bins are 0.05 wide."""
+    if bins < 1 or not hi > lo:
+        raise ValueError(f"need bins >= 1 and hi > lo, got bins={bins}, [{lo}, {hi}]")
+    counts = [0] * bins
+    width = (hi - lo) / bins
+    for v in values:
+        if not lo <= v <= hi:
+            raise ValueError(f"value {v} outside the histogram range [{lo}, {hi}]")
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    edges = [round(lo + k * width, 10) for k in range(bins + 1)]
+    return {"edges": edges, "counts": counts}
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,31 +493,78 @@ def judge_instructions(
     return out
 
 
+def score_responses(
+    lm: LoadedModel, items: Sequence[tuple[str, str]], cfg: CriticConfig
+) -> list[dict[str, Any]]:
+    """Pointwise verdict for each (instruction, response), judged alone: ``response_verdict``
+    fields (score = P(Yes) over Yes/No, logit_nats, raw log-probs) plus the prompt id.
+    Identical items are sent to the model once."""
+    prompts: list[str] = []
+    index: dict[str, int] = {}
+    slots = []
+    for k, item in enumerate(items):
+        if len(item) != 2:
+            raise ValueError(f"item {k}: expected (instruction, response), got {len(item)} items")
+        prompt = response_prompt(item[0], item[1], cfg.n_shots_pointwise, cfg.pointwise_prompt)
+        if prompt not in index:
+            index[prompt] = len(prompts)
+            prompts.append(prompt)
+        slots.append(index[prompt])
+    if not prompts:
+        return []
+    rows = _logprobs(lm, prompts, (ANSWER_YES, ANSWER_NO), cfg.batch_size)
+    return [
+        {
+            **response_verdict(*rows[s]),
+            "pointwise_prompt": cfg.pointwise_prompt,
+            "prompt_version": PROMPT_VERSION,
+        }
+        for s in slots
+    ]
+
+
 def compare_pairs(
     lm: LoadedModel,
     instruction_response_pairs: Sequence[tuple[str, str, str]],
     cfg: CriticConfig,
 ) -> list[dict[str, Any]]:
-    """For each (instruction, first, second): soft preference for ``first`` over both orders.
+    """For each (instruction, first, second): soft preference ``p_first`` in [0, 1] for
+    ``first``, by ``cfg.pair_mode``.
 
-    All 2N prompts go to the model in one batched call. Each result holds ``p_first`` in
-    [0, 1], both orders' raw log-probs, ``position_consistent`` and ``margin_nats``.
+    pointwise: every distinct response scored once (``score_responses``), then
+    ``pointwise_preference``; results hold both verdicts, ``margin_nats`` and
+    ``position_consistent`` = None. pairwise: all 2N A/B prompts (both orders) in one batched
+    call; results hold both orders' raw log-probs, ``position_consistent`` and ``margin_nats``.
     """
-    prompts = []
     for k, item in enumerate(instruction_response_pairs):
         if len(item) != 3:
             raise ValueError(
                 f"pair {k}: expected (instruction, first, second), got {len(item)} items"
             )
-        ins, first, second = item
+    if not instruction_response_pairs:
+        return []
+    if cfg.pair_mode == "pointwise":
+        flat = [(ins, r) for ins, a, b in instruction_response_pairs for r in (a, b)]
+        verdicts = score_responses(lm, flat, cfg)
+        out = []
+        for k in range(len(instruction_response_pairs)):
+            v1, v2 = verdicts[2 * k], verdicts[2 * k + 1]
+            res = pointwise_preference(
+                (v1["logp_yes"], v1["logp_no"]), (v2["logp_yes"], v2["logp_no"])
+            )
+            res["pointwise_prompt"] = cfg.pointwise_prompt
+            res["prompt_version"] = PROMPT_VERSION
+            out.append(res)
+        return out
+    prompts = []
+    for ins, first, second in instruction_response_pairs:
         prompts.append(pair_prompt(ins, first, second, cfg.n_shots_pairs))
         prompts.append(pair_prompt(ins, second, first, cfg.n_shots_pairs))
-    if not prompts:
-        return []
     rows = _logprobs(lm, prompts, (ANSWER_A, ANSWER_B), cfg.batch_size)
     out = []
     for k in range(len(instruction_response_pairs)):
         res = soft_preference(tuple(rows[2 * k]), tuple(rows[2 * k + 1]))
+        res["pair_mode"] = "pairwise"
         res["prompt_version"] = PROMPT_VERSION
         out.append(res)
     return out

@@ -9,24 +9,32 @@ For every stage-1 training instruction:
 2. Candidates that cannot be compared fairly are excluded, with the reason kept: empty,
    duplicate of an earlier candidate, cut by ``max_new_tokens`` (optional), format scaffolding
    leaked, or chat-control text.
-3. The base model's critic (``utils.critic.compare_pairs``, both orders) compares every pair of
-   remaining candidates; a candidate's score is its mean soft win rate.
+3. The base model's critic judges the remaining candidates, by ``critic.pair_mode``:
+
+   - ``pointwise``: each candidate is scored ONCE, alone (``score_responses``: k
+     prompts per instruction instead of k(k-1)); its score is P(Yes) over Yes/No, and every
+     pair's soft preference is sigmoid(logit(s_i) - logit(s_j)) (``pointwise_preference``),
+     with no position bias by construction (``position_consistent`` is None).
+   - ``pairwise`` (default): ``compare_pairs`` asks every pair of candidates in both A/B orders; a
+     candidate's score is its mean soft win rate.
 4. Pairs are emitted for all compared pairs or only best-vs-worst; each carries a soft label
    (P(chosen better), in [0.5, 1]) and margin (2 * soft_label - 1). Pairs below the
-   confidence threshold, position-inconsistent pairs (when required) and exact ties are
-   dropped and counted. No canned or templated negative is ever made up: both sides of every
+   confidence threshold, position-inconsistent pairs (pairwise, when required) and exact ties
+   are dropped and counted. No canned or templated negative is ever made up: both sides of every
    pair are the model's own samples.
 
 Files (in the output directory):
 
 * ``judgements.jsonl``: one record per instruction, written FIRST: every candidate with its
-  exact prompt, every comparison's raw numbers, every pair with kept/dropped reason.
+  exact prompt (and, pointwise, its own verdict), every comparison's raw numbers, every pair
+  with kept/dropped reason, the ``pair_mode`` and the judge prompt id.
 * ``pairs.jsonl``: the kept pairs (id, instruction, type, prompt, chosen, rejected, soft_label,
   margin, candidates, judge), derived from the judgement record alone.
 
 Both are append-and-flush. On a rerun, ``resume`` repairs a torn last line in each; finished
 instructions are skipped and any of their pairs missing from ``pairs.jsonl`` (a kill between the
-two writes) is rebuilt from the judgement record, so nothing is duplicated or lost.
+two writes) is rebuilt from the judgement record, so nothing is duplicated or lost. A directory
+whose judgements were made by another judge (mode or prompt) is refused, never mixed.
 """
 
 from __future__ import annotations
@@ -42,7 +50,15 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from utils.critic import CriticConfig, base_only, compare_pairs, judge_prompt_id
+from utils.critic import (
+    CriticConfig,
+    base_only,
+    compare_pairs,
+    histogram,
+    judge_prompt_id,
+    pointwise_preference,
+    score_responses,
+)
 from utils.jsonl_io import JsonlAppender, JsonlError, read_jsonl, resume
 from utils.response_format import (
     RESPONSE_STOP_STRINGS,
@@ -62,7 +78,6 @@ FEWSHOT_PROMPTS = ("pool", "stage1_record")
 AUTO_ALL_PAIRS_MAX_K = 4
 DROP_REASONS = ("below_confidence", "position_inconsistent", "tie")
 EXCLUDE_REASONS = ("empty", "duplicate", "truncated", "marker_leaked", "control_token")
-HIST_BINS = 10  # soft labels live in [0.5, 1]: bins of width 0.05
 
 
 @dataclass(frozen=True)
@@ -192,6 +207,26 @@ def candidate_scores(n: int, comparisons: Sequence[Mapping[str, Any]]) -> list[f
     return [w / k if k else None for w, k in zip(wins, counts, strict=True)]
 
 
+def pointwise_comparisons(
+    verdicts: Sequence[Mapping[str, Any] | None], pairs: Sequence[tuple[int, int]]
+) -> list[dict[str, Any]]:
+    """Comparisons derived from per-candidate pointwise verdicts, no model call: for (i, j),
+    ``pointwise_preference`` of candidate i over j (p_first, margin_nats, both verdicts)."""
+    out = []
+    for i, j in pairs:
+        vi, vj = verdicts[i], verdicts[j]
+        if vi is None or vj is None:
+            raise ValueError(f"candidate {i if vi is None else j} has no pointwise verdict")
+        res = pointwise_preference((vi["logp_yes"], vi["logp_no"]), (vj["logp_yes"], vj["logp_no"]))
+        out.append({"i": i, "j": j, **res})
+    return out
+
+
+def pointwise_candidate_scores(verdicts: Sequence[Mapping[str, Any] | None]) -> list[float | None]:
+    """A candidate's score is its own P(Yes) over Yes/No (None when it was not judged)."""
+    return [None if v is None else v["score"] for v in verdicts]
+
+
 def select_pairs(
     comparisons: Sequence[Mapping[str, Any]],
     scores: Sequence[float | None],
@@ -227,7 +262,8 @@ def select_pairs(
         soft = c["p_first"] if chosen == c["i"] else 1.0 - c["p_first"]
         if soft == 0.5:
             reason = "tie"
-        elif critic.require_position_consistent and not c["position_consistent"]:
+        elif critic.require_position_consistent and c["position_consistent"] is False:
+            # None (pointwise: no order was shown) is never a position inconsistency.
             reason = "position_inconsistent"
         elif soft < critic.pair_confidence_threshold:
             reason = "below_confidence"
@@ -282,20 +318,6 @@ def pair_records(judgement: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def histogram(
-    values: Sequence[float], lo: float = 0.5, hi: float = 1.0, bins: int = HIST_BINS
-) -> dict:
-    """Counts in ``bins`` equal bins over [lo, hi] (the last bin includes hi)."""
-    counts = [0] * bins
-    width = (hi - lo) / bins
-    for v in values:
-        if not lo <= v <= hi:
-            raise ValueError(f"value {v} outside the histogram range [{lo}, {hi}]")
-        counts[min(int((v - lo) / width), bins - 1)] += 1
-    edges = [round(lo + k * width, 10) for k in range(bins + 1)]
-    return {"edges": edges, "counts": counts}
-
-
 def summarize_judgements(judgements: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Counts for the manifest: instructions, candidates, exclusions, pairs kept and dropped by
     reason, and the soft-label histograms of kept and of all considered pairs."""
@@ -303,9 +325,12 @@ def summarize_judgements(judgements: Sequence[Mapping[str, Any]]) -> dict[str, A
     dropped: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     stop: Counter[str] = Counter()
+    modes: Counter[str] = Counter()
     kept_labels, all_labels = [], []
-    n_cands = n_comparisons = n_no_pairs = n_consistent = 0
+    n_cands = n_comparisons = n_no_pairs = n_consistent = n_ordered = n_prompts = 0
     for j in judgements:
+        modes[j.get("pair_mode", "pairwise")] += 1
+        n_prompts += j.get("judge_prompts", 2 * len(j["comparisons"]))
         for c in j["candidates"]:
             n_cands += 1
             sources[c["source"]] += 1
@@ -313,7 +338,9 @@ def summarize_judgements(judgements: Sequence[Mapping[str, Any]]) -> dict[str, A
             if c["excluded"]:
                 excluded[c["excluded"]] += 1
         n_comparisons += len(j["comparisons"])
-        n_consistent += sum(bool(c["position_consistent"]) for c in j["comparisons"])
+        flags = [c["position_consistent"] for c in j["comparisons"]]
+        n_ordered += sum(f is not None for f in flags)  # pointwise comparisons show no order
+        n_consistent += sum(f is True for f in flags)
         if not j["pairs"]:
             n_no_pairs += 1
         for p in j["pairs"]:
@@ -331,8 +358,10 @@ def summarize_judgements(judgements: Sequence[Mapping[str, Any]]) -> dict[str, A
         "candidates_by_source": dict(sources),
         "candidates_by_stop_reason": dict(stop),
         "candidates_excluded": {r: excluded.get(r, 0) for r in EXCLUDE_REASONS},
+        "pair_modes": dict(modes),
+        "judge_prompts": n_prompts,  # model prompts the pair judge read
         "comparisons": n_comparisons,
-        "position_consistent_rate": n_consistent / n_comparisons if n_comparisons else None,
+        "position_consistent_rate": n_consistent / n_ordered if n_ordered else None,
         "pairs_considered": len(all_labels),
         "pairs_kept": len(kept_labels),
         "pairs_dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
@@ -439,34 +468,62 @@ def judge_candidates(
     cfg: PairsConfig,
     critic: CriticConfig,
 ) -> list[dict[str, Any]]:
-    """One judgement record per instruction: exclusions, both-order comparisons of every pair
-    of usable candidates (all instructions batched into one critic call), scores, pairs."""
+    """One judgement record per instruction: exclusions, then the pair judge over the usable
+    candidates of all instructions in one batched critic call. Pointwise: each usable candidate
+    scored once (its verdict kept on the candidate), comparisons derived from the scores;
+    pairwise: every pair asked in both orders, scores = mean soft win rates. Then pairs."""
     control = lm.policy.control_token_strings
-    todo: list[tuple[int, int, int]] = []
-    for r_idx, cands in enumerate(candidates):
+    usable_by_record: list[list[int]] = []
+    for cands in candidates:
         reasons = exclusion_reasons(
             [c["text"] for c in cands], [c["stop_reason"] for c in cands], control,
             cfg.exclude_truncated,
         )  # fmt: skip
         for c, reason in zip(cands, reasons, strict=True):
             c["excluded"] = reason
-        usable = [c["index"] for c in cands if c["excluded"] is None]
-        todo.extend((r_idx, i, j) for i, j in combinations(usable, 2))
-    results = compare_pairs(
-        lm,
-        [
-            (records[r]["instruction"], candidates[r][i]["text"], candidates[r][j]["text"])
-            for r, i, j in todo
-        ],
-        critic,
-    )
+        usable_by_record.append([c["index"] for c in cands if c["excluded"] is None])
     per_record: list[list[dict[str, Any]]] = [[] for _ in records]
-    for (r_idx, i, j), res in zip(todo, results, strict=True):
-        per_record[r_idx].append({"i": i, "j": j, **res})
+    scores_by_record: list[list[float | None]] = []
+    n_prompts = [0] * len(records)
+    if critic.pair_mode == "pointwise":
+        todo = [(r, i) for r, usable in enumerate(usable_by_record) for i in usable]
+        verdicts = score_responses(
+            lm, [(records[r]["instruction"], candidates[r][i]["text"]) for r, i in todo], critic
+        )
+        by_record: list[list[dict[str, Any] | None]] = [[None] * len(c) for c in candidates]
+        for (r_idx, i), v in zip(todo, verdicts, strict=True):
+            by_record[r_idx][i] = v
+            n_prompts[r_idx] += 1
+        for r_idx, usable in enumerate(usable_by_record):
+            for c, v in zip(candidates[r_idx], by_record[r_idx], strict=True):
+                c["judge"] = v  # the candidate's own pointwise verdict (None: excluded)
+            per_record[r_idx] = pointwise_comparisons(
+                by_record[r_idx], list(combinations(usable, 2))
+            )
+            scores_by_record.append(pointwise_candidate_scores(by_record[r_idx]))
+    else:
+        todo3 = [(r, i, j) for r, usable in enumerate(usable_by_record)
+                 for i, j in combinations(usable, 2)]  # fmt: skip
+        results = compare_pairs(
+            lm,
+            [
+                (records[r]["instruction"], candidates[r][i]["text"], candidates[r][j]["text"])
+                for r, i, j in todo3
+            ],
+            critic,
+        )
+        for (r_idx, i, j), res in zip(todo3, results, strict=True):
+            per_record[r_idx].append({"i": i, "j": j, **res})
+            n_prompts[r_idx] += 2
+        scores_by_record = [
+            candidate_scores(len(cands), comps)
+            for cands, comps in zip(candidates, per_record, strict=True)
+        ]
     prompt_id = judge_prompt_id(critic)
     out = []
-    for rec, cands, comps in zip(records, candidates, per_record, strict=True):
-        scores = candidate_scores(len(cands), comps)
+    for rec, cands, comps, scores, n_p in zip(
+        records, candidates, per_record, scores_by_record, n_prompts, strict=True
+    ):
         for c, s in zip(cands, scores, strict=True):
             c["score"] = s
         selection = cfg.selection_for(cfg.num_candidates)
@@ -476,6 +533,8 @@ def judge_candidates(
                 "instruction": rec["instruction"],
                 "type": rec.get("type"),
                 "selection": selection,
+                "pair_mode": critic.pair_mode,
+                "judge_prompts": n_p,
                 "candidates": cands,
                 "comparisons": comps,
                 "pairs": select_pairs(comps, scores, selection, critic),
@@ -532,6 +591,16 @@ def run_preference_pairs(
         raise JsonlError(
             p_path, 0, f"pairs for instructions with no judgement record: {sorted(stray)[:5]}; "
             "the output directory was written by something else",
+        )  # fmt: skip
+    want = judge_prompt_id(critic)
+    other = [j["id"] for j in done if j.get("judge_prompt") != want]
+    if other:
+        theirs = done[[j["id"] for j in done].index(other[0])].get("judge_prompt") or {}
+        raise JsonlError(
+            j_path, 0, f"{len(other)} judgements (first {other[0]!r}) were made by another judge "
+            f"({theirs.get('pair_judge_id', theirs.get('prompt_version'))}) than the configured "
+            f"one ({want['pair_judge_id']}); labels from two judges must not be mixed: write to "
+            "a new output directory",
         )  # fmt: skip
     written_ids = {p["id"] for p in written}
     timings = {"generate_s": 0.0, "judge_s": 0.0}
