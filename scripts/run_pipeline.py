@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['stage']:<8} {r['status']:<8} {r['seconds']:>8.1f}  {r['exit_code']}")
     print(f"{'total':<8} {'':<8} {total:>8.1f}")
-    failed = [r for r in rows if r["exit_code"] != 0]
+    failed = [r for r in rows if r["failed"]]
     summary = run_dir / "eval" / "summary.txt"
     if summary.exists():
         print("\n" + summary.read_text())

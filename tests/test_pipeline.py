@@ -85,7 +85,15 @@ def test_a_failed_stage_stops_the_pipeline_and_is_resumed_next_time(tmp_path):
     rows = run_pipeline(
         run, _cfg(config, over), str(config), over, stages=stages, log=lambda m: None
     )
-    assert rows == [{"stage": "a", "status": "ran", "seconds": rows[0]["seconds"], "exit_code": 3}]
+    assert rows == [
+        {
+            "stage": "a",
+            "status": "ran",
+            "seconds": rows[0]["seconds"],
+            "exit_code": 3,
+            "failed": True,
+        }
+    ]
     assert not (run / "a" / STAMP).exists()
     status, _ = stage_status(stages[0], _cfg(config), run)
     assert status == "resume"  # output present but unfinished

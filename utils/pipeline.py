@@ -61,6 +61,9 @@ STAGES: tuple[Stage, ...] = (
         sections=("model", "pairs", "critic"),
         inputs=("stage1/train.jsonl", "sft/adapter/adapter_model.safetensors"),
         args=lambda run: ["--run", str(run)],
+        # Exit 1 = no pair passed the critic's confidence threshold (a weak critic, e.g. the
+        # 270M model at chance). The run goes on: DPO records "skipped" and the report says why.
+        ok_exit_codes=(0, 1),
     ),
     Stage(
         "dpo",
@@ -141,7 +144,15 @@ def run_pipeline(
         d = run_dir / stage.name
         if status == "done":
             log(f"[pipeline] {stage.name}: up to date (inputs and config unchanged), skipped")
-            rows.append({"stage": stage.name, "status": "skipped", "seconds": 0.0, "exit_code": 0})
+            rows.append(
+                {
+                    "stage": stage.name,
+                    "status": "skipped",
+                    "seconds": 0.0,
+                    "exit_code": 0,
+                    "failed": False,
+                }
+            )
             continue
         if status == "stale":
             aside = _aside_path(run_dir, stage.name)
@@ -165,6 +176,7 @@ def run_pipeline(
                 "status": "ran" if status != "resume" else "resumed",
                 "seconds": round(secs, 1),
                 "exit_code": rc,
+                "failed": rc not in stage.ok_exit_codes,
             }
         )
         if rc not in stage.ok_exit_codes:
