@@ -53,7 +53,7 @@ def print_summary(out: Path, s: dict) -> None:
         ("rewards chosen / rejected", f"{f(t['rewards_chosen_last'])} / {f(t['rewards_rejected_last'])}"),
         ("margin / accuracy (last log)", f"{f(t['rewards_margin_last'])} / {f(t['rewards_accuracy_last'])}"),
         ("chosen log-prob trend", ("WARNING: " if trend["falling"] else "") + trend["message"]),
-        ("step seconds (mean)", f(t["step_seconds_mean"])),
+        ("step seconds wall / CPU", f"{f(t['step_seconds_mean'])} / {f(t['step_cpu_seconds_mean'])}"),
         ("world size", str(t["world_size"])),
         ("adapter", s["adapter"]["path"]),
     ]  # fmt: skip
@@ -80,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     pairs_path = Path(args.pairs) if args.pairs else run / "pairs" / "pairs.jsonl"
     sft_adapter = Path(args.sft_adapter) if args.sft_adapter else run / "sft" / "adapter"
     out = Path(args.out) if args.out else run / "dpo"
+    if pairs_path.exists() and not pairs_path.read_text().strip():
+        # The pairs stage kept no pair (its critic could not separate candidates): nothing to
+        # train on. Say so in the manifest; evaluation reports the dpo arm as skipped.
+        out.mkdir(parents=True, exist_ok=True)
+        reason = f"{pairs_path} holds no preference pair above the critic's confidence threshold"
+        write_manifest(
+            out / "manifest.json", stage="dpo", config={}, status="skipped", reason=reason
+        )
+        print(f"stage-1 DPO skipped: {reason} (see {pairs_path.parent / 'manifest.json'})")
+        return 0
     try:
         cfg_all = load_config(args.config, args.overrides)
         cfg = DPOStageConfig.from_dict(section(cfg_all, "dpo"))

@@ -1,0 +1,20 @@
+"""DPO with no preference pair (a critic at chance keeps none) is a recorded skip, not a crash."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+
+def test_dpo_skips_with_a_manifest_when_no_pair_was_kept(tmp_path):
+    import train_stage1_dpo
+
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "pairs.jsonl").write_text("")
+    assert train_stage1_dpo.main(["--run-dir", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
+    assert manifest["status"] == "skipped" and "no preference pair" in manifest["reason"]
+    assert not (tmp_path / "dpo" / "adapter").exists()
