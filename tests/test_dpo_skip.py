@@ -18,3 +18,14 @@ def test_dpo_skips_with_a_manifest_when_no_pair_was_kept(tmp_path):
     manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
     assert manifest["status"] == "skipped" and "no preference pair" in manifest["reason"]
     assert not (tmp_path / "dpo" / "adapter").exists()
+
+
+def test_evaluation_reports_why_a_skipped_stage_has_no_adapter(tmp_path):
+    from utils.evaluation import adapter_problem
+
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / "manifest.json").write_text(
+        '{"status": "skipped", "reason": "no pair kept"}'
+    )
+    assert adapter_problem(tmp_path / "dpo" / "adapter") == "stage skipped: no pair kept"
+    assert "does not exist" in adapter_problem(tmp_path / "sft" / "adapter")

@@ -267,6 +267,12 @@ def resolve_arms(
 def adapter_problem(adapter_dir: Path) -> str | None:
     """Why ``adapter_dir`` cannot be evaluated (None when it looks complete)."""
     if not adapter_dir.is_dir():
+        # A stage that decided not to train (e.g. DPO with no confident pair) says why.
+        stage_manifest = adapter_dir.parent / "manifest.json"
+        if stage_manifest.exists():
+            m = json.loads(stage_manifest.read_text())
+            if m.get("status") == "skipped":
+                return f"stage skipped: {m.get('reason', 'no reason recorded')}"
         return f"adapter not found: {adapter_dir} does not exist (stage not run?)"
     if not (adapter_dir / "adapter_config.json").exists():
         return f"adapter incomplete: {adapter_dir}/adapter_config.json is missing"
