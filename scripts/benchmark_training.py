@@ -118,6 +118,7 @@ def run_setting(
         "lora_target_modules": cfg.lora_target_modules,
         "steps": len(secs),
         "step_seconds": [round(s, 3) for s in secs],
+        "step_cpu_seconds": [round(s, 3) for s in timer.step_cpu_seconds],
         "step_seconds_mean_after_first": round(dur / max(1, len(secs) - first), 3),
         "nonpad_tokens_per_step": step_tokens,
         "nonpad_tokens_per_second": round(toks / dur, 2) if dur > 0 else None,

@@ -53,7 +53,10 @@ def print_summary(out: Path, s: dict) -> None:
         ("steps (resumed from)", f"{t['global_step']} ({t['resumed_from_step']})"),
         ("train loss first -> last", f"{f(t['train_loss_first'])} -> {f(t['train_loss_last'])}"),
         ("eval loss", f(t["eval_loss"])),
-        ("step seconds (mean)", f(t["step_seconds_mean"])),
+        (
+            "step seconds wall / CPU",
+            f"{f(t['step_seconds_mean'])} / {f(t['step_cpu_seconds_mean'])}",
+        ),
         ("world size", str(t["world_size"])),
         ("mask audit", "passed" if s["mask_audit"]["passed"] else "FAILED"),
         ("adapter", s["adapter"]["path"]),

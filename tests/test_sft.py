@@ -25,7 +25,9 @@ from utils.sft import (
     SFTStageConfig,
     check_no_test_overlap,
     filter_by_length,
+    final_evaluation,
     make_sft_args,
+    planned_max_steps,
     prepare_resume,
     run_sft,
     sft_examples,
@@ -160,14 +162,50 @@ def test_filter_by_length_reports_what_it_drops(tiny_qwen):
     assert [e["id"] for e in kept] == ["short"] and dropped == [{"id": "long", "n_tokens": 47}]
 
 
+def test_planned_steps_is_one_epoch_capped_by_max_steps():
+    # 330 records, batch 4, 1 process: ceil(330 / 4) = 83 batches = 83 steps per epoch
+    assert planned_max_steps(330, 4, 1, 1, 1.0, cap=100) == 83
+    assert planned_max_steps(330, 4, 1, 1, 1.0, cap=50) == 50
+    assert planned_max_steps(330, 4, 1, 1, 2.0, cap=-1) == 166
+    # 2 ranks x batch 2 x accumulation 2: ceil(330 / 4) = 83 batches per rank -> ceil(83 / 2) = 42
+    assert planned_max_steps(330, 2, 2, 2, 1.0, cap=-1) == 42
+    assert planned_max_steps(3, 4, 1, 1, 0.5, cap=-1) == 1
+
+
 def test_summarise_steps_excludes_the_warmup_step():
-    assert summarise_steps([3.0, 1.0, 2.0]) == {
+    assert summarise_steps([3.0, 1.0, 2.0], [5.0, 2.0, 3.0]) == {
         "steps_run": 3,
         "step_seconds_mean": 1.5,
         "step_seconds_first": 3.0,
+        "step_cpu_seconds_mean": 2.5,
         "train_seconds": 6.0,
     }
     assert summarise_steps([2.0])["step_seconds_mean"] == 2.0
+
+
+def test_final_evaluation_reuses_the_eval_of_the_last_step():
+    from types import SimpleNamespace
+
+    def never():
+        raise AssertionError("evaluated again")
+
+    logged = SimpleNamespace(
+        state=SimpleNamespace(
+            global_step=4,
+            log_history=[
+                {"step": 2, "eval_loss": 2.0},
+                {"step": 4, "loss": 1.2},
+                {"step": 4, "eval_loss": 1.5},
+            ],
+        ),
+        evaluate=never,
+    )
+    assert final_evaluation(logged)["eval_loss"] == 1.5
+    stale = SimpleNamespace(
+        state=SimpleNamespace(global_step=5, log_history=logged.state.log_history),
+        evaluate=lambda: {"eval_loss": 1.1},
+    )
+    assert final_evaluation(stale) == {"eval_loss": 1.1}
 
 
 def test_truncate_log_drops_rows_past_the_checkpoint(tmp_path):

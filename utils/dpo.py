@@ -49,6 +49,8 @@ from utils.sft import (
     dataclass_from_dict,
     file_sha256,
     filter_by_length,
+    final_evaluation,
+    planned_max_steps,
     prepare_resume,
     rank_report,
     save_adapter,
@@ -81,13 +83,13 @@ class DPOStageConfig:
     optim: str = "adamw_torch"
     per_device_train_batch_size: int = 2  # pairs: each pair is 2 sequences + 2 reference passes
     per_device_eval_batch_size: int = 4
-    gradient_accumulation_steps: int = 2
+    gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0
-    max_steps: int = 40  # caps the CPU run (~10 min on 2 cores); -1 trains num_train_epochs
+    max_steps: int = 20  # a cap: min(num_train_epochs of pairs, max_steps); -1 = no cap
     max_length: int = 512  # pairs whose longer side exceeds it are dropped and reported
     min_margin: float | None = None  # drop pairs whose judge margin is below this
     dev_fraction: float = 0.05
-    max_dev_examples: int = 16
+    max_dev_examples: int = 8
     eval_steps: int = 20
     logging_steps: int = 2
     save_steps: int = 10
@@ -455,6 +457,14 @@ def run_dpo(
     sft_hash = adapter_hash(sft_adapter_dir)
     attach_trainable_sft_adapter(lm, sft_adapter_dir)
 
+    args.max_steps = planned_max_steps(
+        len(train),
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.world_size,
+        cfg.num_train_epochs,
+        cfg.max_steps,
+    )
     timer = StepTimer()
     log_path = out_dir / "dpo_log.jsonl"
     log_cb = JsonlLogCallback(log_path, transform=dpo_log_transform(cfg.beta))
@@ -487,7 +497,7 @@ def run_dpo(
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_wall = time.perf_counter() - t0
-    final_eval = trainer.evaluate() if dev else {}
+    final_eval = final_evaluation(trainer) if dev else {}
 
     train_rows = [r for r in log_cb.rows if "chosen_logratio_nats" in r]
     trend = chosen_logprob_trend(train_rows, cfg.chosen_logp_warn_nats, cfg.chosen_logp_window)
@@ -519,6 +529,7 @@ def run_dpo(
         "sft_adapter": {"path": str(sft_adapter_dir), "sha256": sft_hash},
         "reference": "frozen copy of the SFT adapter (TRL 'ref' adapter)",
         "training": {
+            "planned_steps": args.max_steps,
             "global_step": trainer.state.global_step,
             "resumed_from_checkpoint": str(ckpt) if ckpt else None,
             "resumed_from_step": resumed_from_step,
@@ -531,7 +542,7 @@ def run_dpo(
             "eval_rewards_margin": final_eval.get("eval_rewards/margins"),
             "eval_rewards_accuracy": final_eval.get("eval_rewards/accuracies"),
             "train_wall_seconds": round(train_wall, 3),
-            **summarise_steps(timer.step_seconds),
+            **summarise_steps(timer.step_seconds, timer.step_cpu_seconds),
             "trainable_parameters": trainable,
             "total_parameters": total,
             "world_size": trainer.args.world_size,

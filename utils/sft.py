@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -101,13 +102,13 @@ class SFTStageConfig:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0
-    max_steps: int = 100  # caps the CPU run (~10 min on 2 cores); -1 trains num_train_epochs
+    max_steps: int = 60  # a cap: min(num_train_epochs of data, max_steps); -1 = no cap
     max_length: int = 512  # longer examples are dropped and reported, never cut
     dev_fraction: float = 0.05
     max_dev_examples: int = 32
-    eval_steps: int = 50
+    eval_steps: int = 30
     logging_steps: int = 5
-    save_steps: int = 25
+    save_steps: int = 20
     save_total_limit: int = 2
     seed: int = 0
     # TRL defaults both to True; on a CPU without bf16 units they make a step ~10x slower.
@@ -277,18 +278,21 @@ def filter_by_length(
 
 # -- trainer plumbing shared with DPO --------------------------------------------------------
 class StepTimer(TrainerCallback):
-    """Wall seconds of every optimizer step run IN THIS PROCESS (a resumed run counts only the
-    steps it ran, which is how a test tells a resume from a restart)."""
+    """Wall and CPU seconds of every optimizer step run IN THIS PROCESS (a resumed run counts
+    only the steps it ran, which is how a test tells a resume from a restart). CPU seconds (all
+    threads) stay meaningful on a shared machine, where wall time mostly measures the others."""
 
     def __init__(self) -> None:
         self.step_seconds: list[float] = []
-        self._t0 = 0.0
+        self.step_cpu_seconds: list[float] = []
+        self._t0 = self._c0 = 0.0
 
     def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
         self.step_seconds.append(time.perf_counter() - self._t0)
+        self.step_cpu_seconds.append(time.process_time() - self._c0)
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -398,19 +402,47 @@ def rank_report(trainer: Any, steps_run: int) -> list[dict[str, Any]]:
     return sorted(gather_object([mine]), key=lambda r: r["rank"])
 
 
+def planned_max_steps(
+    n_train: int, per_device_batch: int, grad_accum: int, world_size: int, epochs: float, cap: int
+) -> int:
+    """Optimizer steps for ``epochs`` passes over ``n_train`` examples, capped at ``cap`` (-1: no
+    cap). HF's max_steps > 0 REPLACES epochs (it would loop the data past one epoch); the
+    config's max_steps is a cap on the CPU run, so the stage passes this value instead."""
+    batches = math.ceil(n_train / (per_device_batch * world_size))
+    total = max(1, math.ceil(epochs * max(1, math.ceil(batches / grad_accum))))
+    return total if cap < 0 else min(cap, total)
+
+
+def final_evaluation(trainer: Any) -> dict[str, Any]:
+    """Metrics of the trained adapter on the dev split: the eval logged at the last step when
+    there is one (an eval pass costs a minute on CPU), else a fresh ``trainer.evaluate()``."""
+    step = trainer.state.global_step
+    for h in reversed(trainer.state.log_history):
+        if h.get("step") == step and "eval_loss" in h:
+            return dict(h)
+    return trainer.evaluate()
+
+
 def trainable_parameter_count(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def summarise_steps(step_seconds: Sequence[float]) -> dict[str, Any]:
+def summarise_steps(
+    step_seconds: Sequence[float], step_cpu_seconds: Sequence[float] = ()
+) -> dict[str, Any]:
     """Mean step time; the first step (allocator and kernel warm-up) is excluded when others ran."""
+
+    def steady_mean(xs: Sequence[float]) -> float | None:
+        steady = list(xs[1:] if len(xs) > 1 else xs)
+        return round(sum(steady) / len(steady), 4) if steady else None
+
     s = list(step_seconds)
-    steady = s[1:] if len(s) > 1 else s
     return {
         "steps_run": len(s),
-        "step_seconds_mean": round(sum(steady) / len(steady), 4) if steady else None,
+        "step_seconds_mean": steady_mean(s),
         "step_seconds_first": round(s[0], 4) if s else None,
+        "step_cpu_seconds_mean": steady_mean(list(step_cpu_seconds)),
         "train_seconds": round(sum(s), 3),
     }
 
@@ -567,6 +599,14 @@ def run_sft(
     dev, dropped_dev = filter_by_length(lm, dev, cfg.max_length)
     if not train:
         raise ValueError(f"no training example fits max_length={cfg.max_length} tokens")
+    args.max_steps = planned_max_steps(
+        len(train),
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.world_size,
+        cfg.num_train_epochs,
+        cfg.max_steps,
+    )
     timer = StepTimer()
     log_path = out_dir / "train_log.jsonl"
     log_cb = JsonlLogCallback(log_path)
@@ -592,7 +632,7 @@ def run_sft(
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_wall = time.perf_counter() - t0
-    final_eval = trainer.evaluate() if dev else {}
+    final_eval = final_evaluation(trainer) if dev else {}
 
     trainable, total = trainable_parameter_count(trainer.model)
     adapter = save_adapter(
@@ -623,6 +663,7 @@ def run_sft(
             "dropped_too_long": dropped_train + dropped_dev,
         },
         "training": {
+            "planned_steps": args.max_steps,
             "global_step": trainer.state.global_step,
             "resumed_from_checkpoint": str(ckpt) if ckpt else None,
             "resumed_from_step": resumed_from_step,
@@ -631,7 +672,7 @@ def run_sft(
             "train_loss_mean": out.training_loss,
             "eval_loss": final_eval.get("eval_loss"),
             "train_wall_seconds": round(train_wall, 3),
-            **summarise_steps(timer.step_seconds),
+            **summarise_steps(timer.step_seconds, timer.step_cpu_seconds),
             "tokens_seen": tokens_seen,
             "nonpad_tokens_per_second": (
                 round(tokens_seen / sum(timer.step_seconds), 2)
