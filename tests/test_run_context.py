@@ -9,7 +9,9 @@ from utils.run_context import run_configured_sentinels
 
 
 def test_default_config_loads_and_overrides_are_typed():
-    cfg = load_config(None, ["stage1.n_train=12", "model.dtype=bfloat16", "stage1.gates.min_records=3"])
+    cfg = load_config(
+        None, ["stage1.n_train=12", "model.dtype=bfloat16", "stage1.gates.min_records=3"]
+    )
     assert cfg["stage1"]["n_train"] == 12 and cfg["model"]["dtype"] == "bfloat16"
     assert cfg["stage1"]["gates"]["min_records"] == 3
 
@@ -25,7 +27,10 @@ def test_sentinel_mode_off_parsed_from_yaml(tiny_qwen):
     # Regression (KNOWN_BUGS #10): YAML reads `off` as False; it must still mean "off".
     cfg = load_config(None, ["sentinels.mode=off"])
     assert cfg["sentinels"]["mode"] is False
-    assert run_configured_sentinels(tiny_qwen, cfg["sentinels"]) == {"mode": "off", "verdict": "not run"}
+    assert run_configured_sentinels(tiny_qwen, cfg["sentinels"]) == {
+        "mode": "off",
+        "verdict": "not run",
+    }
 
 
 def test_config_file_errors_name_the_file(tmp_path):
