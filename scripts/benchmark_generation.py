@@ -8,7 +8,7 @@ then tokens/s, the ratio to the plain loop, the fraction of the matmul ceiling r
 (2 x parameters FLOP per token) and whether greedy outputs are identical.
 
     python scripts/benchmark_generation.py                      # embedded Gemma-3-270M base
-    python scripts/benchmark_generation.py --batch-sizes 1 8 32 64 --n-prompts 64
+    python scripts/benchmark_generation.py --batch-sizes 1 8 32 64 --n-prompts 64 --plain-prompts 8
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", default=None, help="model name or path (default: embedded base)")
-    ap.add_argument("--n-prompts", type=int, default=32)
+    ap.add_argument("--n-prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--plain-prompts", type=int, default=8, help="prompts timed in the plain loop")
     ap.add_argument("--json", default="runs/benchmarks/generation.json")
     args = ap.parse_args(argv)
