@@ -418,22 +418,6 @@ def release_memory() -> None:
         pass
 
 
-def stabilize_vocab_order(tokenizer: Any) -> None:
-    """Make ``tokenizer.get_vocab()`` return its vocab in one fixed order (by token id).
-
-    transformers' StopStringCriteria caches its per-vocab table under
-    ``tuple(get_vocab().keys())``, but a fast tokenizer returns its vocab in hash order that
-    changes on every call, so the cache never hits and EVERY generate() call with stop strings
-    rebuilds the table: ~3-10 s for Gemma's 262k vocab on 2 CPU cores, per batch. Content is
-    unchanged; only the order is frozen, so the library's own cache works.
-    """
-    if getattr(tokenizer, "_eval_stable_vocab", None) is not None:
-        return
-    vocab = dict(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
-    tokenizer._eval_stable_vocab = vocab
-    tokenizer.get_vocab = lambda: dict(vocab)  # a copy: callers may mutate what they get
-
-
 class ModelSession:
     """At most one base model resident; adapters swapped onto it arm by arm.
 
@@ -472,7 +456,6 @@ class ModelSession:
                 allow_instruct_control=self.spec.allow_instruct_control,
             )
             self.lm = loader.load(self.spec.name)
-            stabilize_vocab_order(self.lm.tokenizer)
             self.load_s = time.perf_counter() - t0
         return self.lm
 
@@ -1200,7 +1183,6 @@ def memory_benchmark_child(
             models = []
             for spec in arms:
                 lm = CleanModelLoader().load(model_name)
-                stabilize_vocab_order(lm.tokenizer)
                 if spec.adapter_dir is not None:
                     attach_adapter(lm, spec.adapter_dir)
                 models.append(lm)
