@@ -1,12 +1,12 @@
 """How good a judge is the BASE model? Accuracy of utils.critic on the verifiable check set.
 
-    python scripts/evaluate_critic.py --model gemma-3-270m
+    python scripts/evaluate_critic.py --model gemma-3-270m      # the configured judge (pmi)
     python scripts/evaluate_critic.py --pair-mode pointwise --pointwise-prompts exact-v1 \\
         --shots 4,8 --instruction-shots none --out runs/critic_eval_pointwise
     python scripts/evaluate_critic.py --pair-mode pairwise --shots 2,4
 
 Every case's label is right by construction (utils/critic_checkset.py). Every variant of the
-pair judge (pointwise: prompt wording x few-shot count; pairwise: few-shot count) is scored on
+pair judge (pmi and pairwise: few-shot count; pointwise: prompt wording x few-shot count) is scored on
 the DEV split only; the dev-best variant alone is then scored on the TEST split, so no choice
 can see a test case. The same holds for the instruction judge (few-shot count by dev AUC,
 threshold by dev accuracy) and for the recommended pair_confidence_threshold (the smallest
@@ -32,7 +32,7 @@ from utils.critic import PAIR_MODES, POINTWISE_PROMPTS, CriticConfig, judge_prom
 from utils.jsonl_io import JsonlError, write_json_atomic  # noqa: E402
 from utils.run_context import StageRun  # noqa: E402
 
-DEFAULT_SHOTS = {"pointwise": "4,8", "pairwise": "2,4"}
+DEFAULT_SHOTS = {"pmi": "0,3", "pointwise": "4,8", "pairwise": "2,4"}
 
 
 def _fmt(rate: dict) -> str:
@@ -54,6 +54,8 @@ def _ints(text: str, what: str) -> list[int]:
 def pair_variants(base: CriticConfig, mode: str, shots: list[int], prompts: list[str]) -> dict:
     """Variant key -> CriticConfig, cheapest first (fewer shots first): the dev choice keeps
     the first of tied variants."""
+    if mode == "pmi":
+        return {f"pmi/{n}": replace(base, pair_mode=mode, n_shots_pmi=n) for n in shots}
     if mode == "pointwise":
         return {
             f"{p}/{n}": replace(base, pair_mode=mode, pointwise_prompt=p, n_shots_pointwise=n)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shots",
         default=None,
         help="pair-judge few-shot counts to try on dev, comma-separated "
-        f"(default: {DEFAULT_SHOTS['pointwise']} pointwise, {DEFAULT_SHOTS['pairwise']} pairwise)",
+        "(default: " + ", ".join(f"{v} {k}" for k, v in DEFAULT_SHOTS.items()) + ")",
     )
     ap.add_argument(
         "--pointwise-prompts",

@@ -1,4 +1,4 @@
-"""Preference pairs from the model's own samples, judged by the BASE model (both orders).
+"""Preference pairs from the model's own samples, judged by the BASE model (critic.pair_mode).
 
     python scripts/generate_preference_pairs.py --run runs/default
     python scripts/generate_preference_pairs.py --run runs/default --set pairs.num_candidates=6
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         ("  without two comparable candidates", c["instructions_without_comparable_candidates"]),
         ("candidates", c["candidates"]),
         *((f"  excluded: {k}", v) for k, v in c["candidates_excluded"].items()),
-        ("comparisons (each asked in both orders)", c["comparisons"]),
+        ("comparisons", c["comparisons"]),
         (
             "position-consistent comparisons",
             f"{c['position_consistent_rate']:.3f}"

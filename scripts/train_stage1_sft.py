@@ -52,7 +52,7 @@ def print_summary(out: Path, s: dict) -> None:
         ("dropped (too long)", str(len(d["dropped_too_long"]))),
         ("steps (resumed from)", f"{t['global_step']} ({t['resumed_from_step']})"),
         ("train loss first -> last", f"{f(t['train_loss_first'])} -> {f(t['train_loss_last'])}"),
-        ("eval loss", f(t["eval_loss"])),
+        ("dev loss: adapter / base model", f"{f(t['eval_loss'])} / {f(t.get('base_eval_loss'))}"),
         (
             "step seconds wall / CPU",
             f"{f(t['step_seconds_mean'])} / {f(t['step_cpu_seconds_mean'])}",

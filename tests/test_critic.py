@@ -13,6 +13,7 @@ from utils.critic import (
     INSTRUCTION_SHOTS,
     PAIR_SHOTS,
     POINTWISE_PROMPTS,
+    PROMPT_VERSION,
     RESPONSE_SHOTS,
     CriticConfig,
     compare_pairs,
@@ -21,13 +22,18 @@ from utils.critic import (
     judge_instructions,
     judge_prompt_id,
     pair_prompt,
+    pmi_completion,
+    pmi_prefix,
+    pmi_verdict,
     pointwise_preference,
     response_prompt,
     response_verdict,
     score_responses,
     soft_preference,
+    strength_preference,
     two_way_prob,
 )
+from utils.response_format import END_OF_RESPONSE_MARKER
 from utils.verifiable_checks import check_instruction
 
 L = math.log
@@ -156,7 +162,9 @@ def test_config_rejects_unknown_and_bad_values():
         CriticConfig(pointwise_prompt="nope")
     with pytest.raises(ValueError, match="n_shots_pointwise"):
         CriticConfig(n_shots_pointwise=len(RESPONSE_SHOTS) + 1)
-    assert CriticConfig().pair_mode == "pairwise"  # pointwise was not better on dev
+    assert CriticConfig().pair_mode == "pmi"  # the only judge above chance on the check set
+    with pytest.raises(ValueError, match="n_shots_pmi"):
+        CriticConfig(n_shots_pmi=len(PAIR_SHOTS) + 1)
 
 
 def test_judge_prompt_id_records_the_mode_and_the_template_in_use():
@@ -168,14 +176,14 @@ def test_judge_prompt_id_records_the_mode_and_the_template_in_use():
     assert pw["pair_answers"] == "' Yes'/' No'" and ab["pair_answers"] == "' A'/' B'"
     other = judge_prompt_id(CriticConfig(pair_mode="pointwise", pointwise_prompt="exact-v1"))
     assert other["pair_prompt_sha256"] != pw["pair_prompt_sha256"]
-    assert pw["pair_judge_id"].startswith("critic-v2/pointwise/grader-v1/")
-    assert ab["pair_judge_id"].startswith("critic-v2/pairwise/ab-both-orders/")
+    assert pw["pair_judge_id"].startswith(f"{PROMPT_VERSION}/pointwise/grader-v1/")
+    assert ab["pair_judge_id"].startswith(f"{PROMPT_VERSION}/pairwise/ab-both-orders/")
     assert pw["pair_judge_id"].endswith(pw["pair_prompt_sha256"][:12])
     # Shot count changes the template, so it changes the id.
     fewer = judge_prompt_id(CriticConfig(pair_mode="pointwise", n_shots_pointwise=2))
     assert fewer["pair_judge_id"] != pw["pair_judge_id"]
     # ... while the pairwise id ignores the pointwise settings.
-    assert judge_prompt_id(CriticConfig(n_shots_pointwise=2)) == ab
+    assert judge_prompt_id(CriticConfig(pair_mode="pairwise", n_shots_pointwise=2)) == ab
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -290,6 +298,87 @@ def test_pointwise_judge_scores_each_response_once_through_lm_encode(tiny_qwen, 
     assert len(seen) == 1 and same["p_first"] == 0.5
     with pytest.raises(ValueError, match="expected \\(instruction, response\\)"):
         score_responses(tiny_qwen, [("Name a fruit.",)], cfg)
+
+
+def test_pmi_verdict_and_preference_hand_values():
+    # log P(r | instruction) = -6 over 3 tokens, log P(r | empty) = -12: gain 2 nats per token.
+    v1 = pmi_verdict(-6.0, -12.0, 3)
+    assert v1["pmi_nats_per_token"] == v1["logit_nats"] == v1["score"] == pytest.approx(2.0)
+    v2 = pmi_verdict(-10.0, -10.0, 5)  # the instruction explains nothing: gain 0
+    assert v2["score"] == 0.0
+    r = strength_preference(v1, v2, "pmi")
+    assert r["p_first"] == pytest.approx(1 / (1 + math.exp(-2.0)))
+    assert r["margin_nats"] == pytest.approx(2.0) and r["position_consistent"] is None
+    assert strength_preference(v2, v1, "pmi")["p_first"] == pytest.approx(1 - r["p_first"])
+    assert strength_preference(v1, dict(v1), "pmi")["p_first"] == 0.5
+    # A constant added to both gains (a prompt-wide shift) cancels.
+    shifted = strength_preference(pmi_verdict(-3.0, -12.0, 3), pmi_verdict(-5.0, -10.0, 5), "pmi")
+    assert shifted["p_first"] == pytest.approx(r["p_first"])
+    with pytest.raises(ValueError, match="n_tokens"):
+        pmi_verdict(-1.0, -1.0, 0)
+    with pytest.raises(ValueError, match="log-probability"):
+        pmi_verdict(0.5, -1.0, 1)
+
+
+def test_pmi_prompts_are_the_shared_format_with_an_empty_null_instruction():
+    cond = pmi_prefix("Name a fruit.", 2)
+    null = pmi_prefix(None, 2)
+    assert cond.endswith("Instruction: Name a fruit.\nResponse:")
+    assert null.endswith("\n\nInstruction:\nResponse:")
+    assert cond.split("\n\n")[:2] == null.split("\n\n")[:2]  # same demonstrations
+    assert pmi_prefix(None, 0) == "Instruction:\nResponse:"
+    assert pmi_completion("  Mango. ") == " Mango." + END_OF_RESPONSE_MARKER
+    with pytest.raises(ValueError, match="empty"):
+        pmi_completion("  ")
+
+
+def test_completion_logprobs_equal_an_unpadded_forward_in_any_batch(tiny_qwen):
+    import torch
+
+    from utils.generation import completion_logprobs
+
+    prefixes = ["Instruction: Name a fruit.\nResponse:", "Hi", "Instruction: a\nResponse:"]
+    comps = [" Mango.\nInstruction:", " there, how are you today?", " b"]
+    batched = completion_logprobs(tiny_qwen, prefixes, comps, batch_size=3)
+    single = completion_logprobs(tiny_qwen, prefixes, comps, batch_size=1)
+    for (p, c), (lp_b, n_b), (lp_s, n_s) in zip(
+        zip(prefixes, comps, strict=True), batched, single, strict=True
+    ):
+        p_ids = tiny_qwen.encode(p)
+        c_ids = tiny_qwen.tokenizer(c, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = tiny_qwen.model(input_ids=torch.tensor([p_ids + c_ids])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        want = sum(float(logp[len(p_ids) - 1 + k, t]) for k, t in enumerate(c_ids))
+        assert n_b == n_s == len(c_ids)
+        assert lp_b == pytest.approx(want, abs=1e-4) and lp_s == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="prefixes but"):
+        completion_logprobs(tiny_qwen, prefixes, comps[:2])
+
+
+def test_pmi_judge_scores_each_distinct_text_once_and_swaps_exactly(tiny_qwen, monkeypatch):
+    import utils.generation as gen
+
+    calls: list[tuple[list[str], list[str]]] = []
+    real = gen.completion_logprobs
+
+    def spy(lm, prefixes, completions, batch_size=8):
+        calls.append((list(prefixes), list(completions)))
+        return real(lm, prefixes, completions, batch_size)
+
+    monkeypatch.setattr(gen, "completion_logprobs", spy)
+    cfg = CriticConfig(pair_mode="pmi", n_shots_pmi=1, batch_size=2)
+    items = [("Name a fruit.", "Mango.", "Tiger."), ("What is 2+2?", "4", "Mango.")]
+    fwd = compare_pairs(tiny_qwen, items, cfg)
+    [(prefixes, completions)] = calls
+    # 4 conditional scorings + 3 distinct null ones ("Mango." is shared).
+    assert len(prefixes) == 7 and sum(p == pmi_prefix(None, 1) for p in prefixes) == 3
+    rev = compare_pairs(tiny_qwen, [(i, b, a) for i, a, b in items], cfg)
+    for f, r in zip(fwd, rev, strict=True):
+        assert f["p_first"] + r["p_first"] == pytest.approx(1.0, abs=1e-6)
+        assert f["pair_mode"] == "pmi" and f["position_consistent"] is None
+        assert f["first"]["logp_conditional"] <= 0 and f["first"]["n_tokens"] >= 2
+    assert judge_prompt_id(cfg)["pair_judge_id"].startswith(f"{PROMPT_VERSION}/pmi/shots1/")
 
 
 # -- check set -------------------------------------------------------------------------------

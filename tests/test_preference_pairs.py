@@ -10,7 +10,13 @@ import shutil
 
 import pytest
 
-from utils.critic import PROMPT_VERSION, CriticConfig, compare_pairs, score_responses
+from utils.critic import (
+    PROMPT_VERSION,
+    CriticConfig,
+    compare_pairs,
+    response_verdict,
+    score_responses,
+)
 from utils.jsonl_io import JsonlError, read_jsonl
 from utils.preference_pairs import (
     PairsConfig,
@@ -101,12 +107,8 @@ def test_best_vs_worst_uses_the_direct_duel_for_the_label():
 
 
 def _lp(logit: float) -> dict[str, float]:
-    """A pointwise verdict's raw log-probs with P(Yes) + P(No) = 1 and the given log-odds."""
-    return {
-        "logp_yes": -math.log1p(math.exp(-logit)),
-        "logp_no": -math.log1p(math.exp(logit)),
-        "score": 1 / (1 + math.exp(-logit)),
-    }
+    """A pointwise verdict from raw log-probs with P(Yes) + P(No) = 1 and the given log-odds."""
+    return response_verdict(-math.log1p(math.exp(-logit)), -math.log1p(math.exp(logit)))
 
 
 def test_pointwise_pairs_from_scores_hand_values():
@@ -312,11 +314,38 @@ def test_pointwise_judge_scores_each_candidate_once_with_the_adapter_disabled(
             assert p["kept"] == (p["soft_label"] > 0.5)
         for rec in pair_records(j):
             assert rec["judge"]["pair_mode"] == "pointwise"
-            assert rec["judge"]["pair_judge_id"].startswith("critic-v2/pointwise/")
+            assert rec["judge"]["pair_judge_id"].startswith(f"{PROMPT_VERSION}/pointwise/")
             assert rec["judge"]["position_consistent"] is None
     s = summarize_judgements(js)
     assert s["judge_prompts"] == 6 and s["pairs_considered"] == 6
     assert s["pairs_kept"] + sum(s["pairs_dropped"].values()) == 6
+
+
+def test_pmi_judge_scores_candidates_on_the_base_weights(lm_sft, tiny_qwen):
+    """The default judge: each usable candidate scored with and without its instruction on
+    the BASE weights (adapter disabled), pairs derived from the per-token gains."""
+    texts = [["Mango.", "Tiger.", "Pear and plum."]]
+    cands = [
+        [{"index": i, "text": t, "source": "sft", "seed": i, "stop_reason": "eos"}
+         for i, t in enumerate(row)]
+        for row in texts
+    ]  # fmt: skip
+    critic = CriticConfig(pair_mode="pmi", n_shots_pmi=1, pair_confidence_threshold=0.5)
+    [j] = judge_candidates(
+        lm_sft, RECORDS[:1], cands, PairsConfig(num_candidates=3, pair_selection="all_pairs"),
+        critic,
+    )  # fmt: skip
+    assert j["pair_mode"] == "pmi" and j["judge_prompts"] == 6  # 3 candidates x (with, without)
+    base = score_responses(tiny_qwen, [(RECORDS[0]["instruction"], "Mango.")], critic)[0]
+    c0 = j["candidates"][0]
+    assert c0["judge"]["logp_conditional"] == pytest.approx(base["logp_conditional"], abs=1e-4)
+    assert c0["score"] == pytest.approx(base["score"], abs=1e-5)
+    by_index = {c["index"]: c for c in j["candidates"]}
+    for comp in j["comparisons"]:
+        gi, gj = (by_index[comp[k]]["judge"]["pmi_nats_per_token"] for k in ("i", "j"))
+        assert comp["p_first"] == pytest.approx(1 / (1 + math.exp(gj - gi)))
+    for rec in pair_records(j):
+        assert rec["judge"]["pair_judge_id"].startswith(f"{PROMPT_VERSION}/pmi/shots1/")
 
 
 def test_sft_source_requires_the_adapter(tiny_qwen):
@@ -362,7 +391,9 @@ def test_end_to_end_writes_pairs_with_full_provenance(full_run):
         assert "prompt" not in cands[0] and "prompt_sha256" in cands[0]
         j = p["judge"]
         assert j["prompt_version"] and len(j["pair_prompt_sha256"]) == 64
-        assert j["pair_mode"] == "pairwise" and j["pair_judge_id"].startswith("critic-v2/pairwise")
+        assert j["pair_mode"] == "pairwise" and j["pair_judge_id"].startswith(
+            f"{PROMPT_VERSION}/pairwise"
+        )
         assert {"order_ab", "order_ba", "p_first", "position_consistent"} <= set(j)
         want = j["p_first"] if p["chosen_index"] == j["i"] else 1 - j["p_first"]
         assert p["soft_label"] == pytest.approx(want)

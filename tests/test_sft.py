@@ -256,6 +256,8 @@ def test_sft_writes_adapter_manifest_and_mask_audit(sft_run, tiny_qwen_dir):
     t = m["training"]
     assert t["global_step"] == 2 and t["steps_run"] == 2 and t["world_size"] == 1
     assert t["resumed_from_step"] == 0 and isinstance(t["eval_loss"], float)
+    # the base model's dev loss, same split and mask, adapter disabled: a different number
+    assert isinstance(t["base_eval_loss"], float) and t["base_eval_loss"] != t["eval_loss"]
     assert m["mask_audit"]["passed"] and m["mask_audit"]["splits"]["train"]["n_checked"] == 14
     assert m["adapter"]["sha256"] == weights_hash(adapter)
     audit = json.loads((out / "mask_audit.json").read_text())

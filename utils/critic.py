@@ -1,4 +1,4 @@
-"""The BASE model as its own judge: next-token log-probabilities of one-token answers.
+"""The BASE model as its own judge: log-probabilities under the base weights.
 
 No chat format and no instruct teacher: the judge is a plain document that a base model can
 continue, a few reviewed examples followed by the open question, e.g.
@@ -9,7 +9,8 @@ continue, a few reviewed examples followed by the open question, e.g.
     Which response follows the instruction better? Answer: A
 
 and the verdict is read from log P(" A") vs log P(" B") (or " Yes" vs " No") at the next
-token, via ``utils.generation.next_token_logprobs`` (full-vocabulary log-softmax, so the raw
+token, via ``utils.generation.next_token_logprobs``, or, for the default ``pmi`` pair judge,
+from the log-likelihood of the response itself (``utils.generation.completion_logprobs``) (full-vocabulary log-softmax, so the raw
 numbers are true log-probabilities and are kept next to the normalised score).
 
 * ``judge_instructions``: is an instruction clear, complete and answerable? score =
@@ -18,28 +19,37 @@ numbers are true log-probabilities and are kept next to the normalised score).
   ("Instruction: ...\nResponse: ...\nDoes the response follow the instruction exactly?
   Answer: Yes"); score s = P(Yes) normalised over Yes/No, i.e. sigmoid(logit) with
   logit = log P(Yes) - log P(No).
-* ``compare_pairs``: which of two responses follows the instruction better. Two modes
+* ``compare_pairs``: which of two responses follows the instruction better. Three modes
   (``CriticConfig.pair_mode``):
 
-  - ``pointwise``: both responses scored alone; the soft preference for the first is
-    the Bradley-Terry probability sigmoid(logit(s1) - logit(s2)). It is in [0, 1], exactly 0.5
-    when the scores are equal, exactly 1 - p when the two are swapped, and has no position
-    bias by construction (no response is ever shown next to another). A judge-wide Yes bias
-    adds the same constant to both logits and cancels in the difference. Costs k prompts for
-    k candidates instead of k(k-1). On gemma-3-270m it is no better: P(Yes) rises with how
-    long and sentence-like a response is, not with whether it obeys the instruction.
-  - ``pairwise`` (default): an A/B document asked in BOTH orders. A small base model prefers
+  - ``pmi`` (default): each response scored alone by how much its instruction explains it,
+    the mean log-likelihood gain per token
+    (log P(response + end marker | instruction) - log P(response + end marker | empty
+    instruction)) / n_tokens, both under the base weights in the project's one format after
+    ``n_shots_pmi`` demonstrations. The soft preference for the first is the Bradley-Terry
+    probability sigmoid(g1 - g2). A response the model would write whatever the instruction
+    (fluent filler, an echo of the demonstrations) gains nothing; one whose format, answer and
+    stopping point follow from the instruction gains. No question is asked, so there is no
+    position or "Yes" bias to cancel. On gemma-3-270m (check set, TEST split, choices on DEV):
+    0.667 [0.525, 0.783] (n=48), the only one of the three judges above chance.
+  - ``pointwise``: both responses scored alone by P(Yes) to "does it pass?"; the soft
+    preference is sigmoid(logit(s1) - logit(s2)). On gemma-3-270m it is worse than chance
+    (0.375): P(Yes) rises with how long and sentence-like a response is, not with whether it
+    obeys the instruction.
+  - ``pairwise``: an A/B document asked in BOTH orders. A small base model prefers
     a position (often "A"); averaging P(first is better) over the two orders cancels a constant
     position bias exactly (a judge that always says "A" gives 0.5), and ``position_consistent`` says
-    whether both orders picked the same response. On gemma-3-270m this judge is at chance: its
-    position bias (about +-0.12 in P(A)) swamps a +-0.02 content signal.
+    whether both orders picked the same response. On gemma-3-270m this judge is at chance (0.500):
+    its position bias (about +-0.12 in P(A)) swamps a +-0.02 content signal. It is the judge to
+    try first on a large base model (Qwen2.5-32B), where the question itself can be understood.
 
 The judge always runs on the base weights: when a LoRA adapter is attached (the SFT policy
 generating candidates), ``base_only`` disables it for the judging forward passes, so one model
 stays resident and the policy never grades itself.
 
 Prompt building and the preference maths are pure functions; only ``judge_instructions``,
-``score_responses`` and ``compare_pairs`` touch a model (handed in, never loaded here).
+``score_responses``/``pmi_scores`` and ``compare_pairs`` touch a model (handed in, never
+loaded here).
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ if TYPE_CHECKING:  # the pure parts import without torch
 
 # Bump whenever a header, a demonstration or a question below changes: it is recorded in every
 # judged record, and ``judge_prompt_id`` hashes the exact text.
-PROMPT_VERSION = "critic-v2"  # v2: pointwise response judge added
+PROMPT_VERSION = "critic-v3"  # v2: pointwise response judge; v3: pmi response judge
 
 ANSWER_A, ANSWER_B = " A", " B"
 ANSWER_YES, ANSWER_NO = " Yes", " No"
@@ -127,7 +137,7 @@ INSTRUCTION_SHOTS: tuple[tuple[str, str], ...] = (
     ("1997", "No"),
 )
 
-PAIR_MODES = ("pointwise", "pairwise")
+PAIR_MODES = ("pmi", "pointwise", "pairwise")
 
 # Pointwise response judge wordings: id -> (header or "", question). The id is recorded with
 # every label; wording and shot count were chosen on the DEV split of the check set.
@@ -171,10 +181,13 @@ class CriticConfig:
     # 13/24 (2 shots), test 0.50 [0.36, 0.64], soft labels all within 0.48-0.52; pointwise
     # dev-best grader-v1 with 4 shots: dev 10/24, test 0.375 [0.25, 0.52], soft labels
     # max(p, 1-p) up to 0.76 but confidently wrong (dev 1/11 right at >= 0.55). Pointwise is
-    # not better on dev, so pairwise stays the default. No threshold reaches 75% dev accuracy
-    # for either judge; 0.6 is above every pairwise dev label (max 0.522), so a chance-level
-    # judge yields no pairs (the pairs stage then says so) instead of coin-flip labels.
-    pair_mode: str = "pairwise"  # "pairwise" (A/B, both orders) | "pointwise" (each alone)
+    # not better on dev. No threshold reaches 75% dev accuracy for either; 0.6 is above every
+    # pairwise dev label (max 0.522), so a chance-level judge yields no pairs instead of
+    # coin-flip labels. pmi (runs/critic_eval_pmi): dev 18/24 with 3 shots vs 16/24 with 0,
+    # test 0.667 [0.525, 0.783]; at the kept threshold 0.6 dev 10/12 right (coverage 0.50),
+    # test 0.682 [0.47, 0.84] (coverage 0.46). pmi is the default.
+    pair_mode: str = "pmi"  # "pmi" (likelihood gain) | "pairwise" (A/B) | "pointwise" (Yes/No)
+    n_shots_pmi: int = 3  # demonstrations before the instruction in the pmi judge (dev choice)
     pointwise_prompt: str = "grader-v1"  # key of POINTWISE_PROMPTS (dev choice)
     n_shots_pointwise: int = 4  # demonstrations in the pointwise prompt (dev: 4 beat 8)
     n_shots_pairs: int = 2  # demonstrations in the A/B prompt (at most len(PAIR_SHOTS))
@@ -197,6 +210,8 @@ class CriticConfig:
                 f"n_shots_pointwise must be in 0..{len(RESPONSE_SHOTS)}, "
                 f"got {self.n_shots_pointwise}"
             )
+        if not 0 <= self.n_shots_pmi <= len(PAIR_SHOTS):
+            raise ValueError(f"n_shots_pmi must be in 0..{len(PAIR_SHOTS)}, got {self.n_shots_pmi}")
         if not 0 <= self.n_shots_pairs <= len(PAIR_SHOTS):
             raise ValueError(
                 f"n_shots_pairs must be in 0..{len(PAIR_SHOTS)}, got {self.n_shots_pairs}"
@@ -292,11 +307,50 @@ def response_prompt(instruction: str, response: str, n_shots: int, prompt_id: st
     return EXAMPLE_SEPARATOR.join(blocks)
 
 
+def _good_demonstrations(n_shots: int) -> list[tuple[str, str]]:
+    return [(ins, a if better == "A" else b) for ins, a, b, better in PAIR_SHOTS[:n_shots]]
+
+
+def pmi_prefix(instruction: str | None, n_shots: int) -> str:
+    """The pmi judge's context: ``n_shots`` demonstrations (the good responses of
+    ``PAIR_SHOTS``) in the project's one format, then the open prompt for ``instruction``;
+    ``None`` gives the NULL context, the same document with an empty instruction line."""
+    from utils.response_format import (
+        EXAMPLE_SEPARATOR,
+        INSTRUCTION_HEADER,
+        RESPONSE_HEADER,
+        format_example,
+        format_prompt,
+    )
+
+    if not 0 <= n_shots <= len(PAIR_SHOTS):
+        raise ValueError(f"n_shots must be in 0..{len(PAIR_SHOTS)}, got {n_shots}")
+    blocks = [format_example(i, r) for i, r in _good_demonstrations(n_shots)]
+    if instruction is None:
+        blocks.append(f"{INSTRUCTION_HEADER}\n{RESPONSE_HEADER}")
+    else:
+        blocks.append(format_prompt(_clean(instruction, "instruction")))
+    return EXAMPLE_SEPARATOR.join(blocks)
+
+
+def pmi_completion(response: str) -> str:
+    """The scored text: the response as the model would produce it, then the end-of-response
+    marker, so stopping where the instruction says to stop is part of the score."""
+    from utils.response_format import END_OF_RESPONSE_MARKER, format_completion
+
+    return format_completion(_clean(response, "response")) + END_OF_RESPONSE_MARKER
+
+
 def judge_prompt_id(cfg: CriticConfig) -> dict[str, str]:
     """Which judge made a label: version, pair mode, and the SHA-256 of the judging templates
     as configured. ``pair_prompt_sha256`` is the template the configured ``pair_mode`` uses;
     ``pair_judge_id`` is the short form recorded next to every soft label."""
-    if cfg.pair_mode == "pointwise":
+    if cfg.pair_mode == "pmi":
+        pair_t = "\n<null>\n".join(
+            (pmi_prefix("{instruction}", cfg.n_shots_pmi), pmi_prefix(None, cfg.n_shots_pmi))
+        ) + pmi_completion("{response}")
+        answers, variant = "mean log-likelihood gain per token", f"shots{cfg.n_shots_pmi}"
+    elif cfg.pair_mode == "pointwise":
         pair_t = response_prompt(
             "{instruction}", "{response}", cfg.n_shots_pointwise, cfg.pointwise_prompt
         )
@@ -387,6 +441,47 @@ def response_verdict(logp_yes: float, logp_no: float) -> dict[str, Any]:
     }
 
 
+def pmi_verdict(logp_conditional: float, logp_null: float, n_tokens: int) -> dict[str, Any]:
+    """One pmi verdict: the response's mean log-likelihood gain per token from seeing the
+    instruction, (log P(r | instruction) - log P(r | empty instruction)) / n_tokens. Positive:
+    the instruction explains the response (its format, its answer, where it stops); a response
+    the model would write anyway scores about 0, however fluent or long it is, and the per-token
+    mean keeps a longer response from winning by accumulating small gains."""
+    for v, name in ((logp_conditional, "logp_conditional"), (logp_null, "logp_null")):
+        if math.isnan(v) or v > 1e-6:
+            raise ValueError(f"{name} must be a log-probability (<= 0, not NaN), got {v}")
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    gain = (logp_conditional - logp_null) / n_tokens
+    return {
+        "score": gain,
+        "logit_nats": gain,  # the strength compared in strength_preference
+        "pmi_nats_per_token": gain,
+        "logp_conditional": logp_conditional,
+        "logp_null": logp_null,
+        "n_tokens": n_tokens,
+    }
+
+
+def strength_preference(
+    first: Mapping[str, Any], second: Mapping[str, Any], pair_mode: str
+) -> dict[str, Any]:
+    """Bradley-Terry preference for the FIRST of two independently judged responses, from
+    their strengths ``logit_nats`` (pointwise: log-odds of Yes; pmi: gain per token):
+    p_first = sigmoid(z1 - z2). 0.5 when equal, exactly 1 - p when swapped, a constant added to
+    every strength cancels, and no order is ever shown (``position_consistent`` is None)."""
+    z1, z2 = first["logit_nats"], second["logit_nats"]
+    margin = 0.0 if z1 == z2 else z1 - z2  # equal infinities are a tie, not NaN
+    return {
+        "pair_mode": pair_mode,
+        "p_first": _sigmoid(margin),
+        "margin_nats": margin,  # log-odds that the first is better; sigmoid(margin) = p_first
+        "position_consistent": None,
+        "first": dict(first),
+        "second": dict(second),
+    }
+
+
 def pointwise_preference(
     logp_first: tuple[float, float], logp_second: tuple[float, float]
 ) -> dict[str, Any]:
@@ -397,18 +492,9 @@ def pointwise_preference(
     log-odds as strengths. In [0, 1]; 0.5 when the scores are equal; swapping the two gives
     exactly 1 - p_first; a bias that adds c to every logit (a judge that says "Yes" to
     anything) cancels. ``position_consistent`` is None: no order was ever shown."""
-    v1 = response_verdict(*logp_first)
-    v2 = response_verdict(*logp_second)
-    z1, z2 = v1["logit_nats"], v2["logit_nats"]
-    margin = 0.0 if z1 == z2 else z1 - z2  # equal infinities are a tie, not NaN
-    return {
-        "pair_mode": "pointwise",
-        "p_first": _sigmoid(margin),
-        "margin_nats": margin,  # log-odds that the first is better; sigmoid(margin) = p_first
-        "position_consistent": None,
-        "first": v1,
-        "second": v2,
-    }
+    return strength_preference(
+        response_verdict(*logp_first), response_verdict(*logp_second), "pointwise"
+    )
 
 
 def instruction_verdict(logp_yes: float, logp_no: float, min_score: float) -> dict[str, Any]:
@@ -493,12 +579,54 @@ def judge_instructions(
     return out
 
 
+def pmi_scores(
+    lm: LoadedModel, items: Sequence[tuple[str, str]], cfg: CriticConfig
+) -> list[dict[str, Any]]:
+    """``pmi_verdict`` for each (instruction, response): two scorings of the response through
+    the base weights, after its instruction and after the empty one. Each distinct scoring is
+    computed once (a response repeated under several instructions shares its null score)."""
+    from utils.generation import completion_logprobs
+
+    keys: list[tuple[str | None, str]] = []
+    index: dict[tuple[str | None, str], int] = {}
+
+    def slot(key: tuple[str | None, str]) -> int:
+        if key not in index:
+            index[key] = len(keys)
+            keys.append(key)
+        return index[key]
+
+    slots = []
+    for k, item in enumerate(items):
+        if len(item) != 2:
+            raise ValueError(f"item {k}: expected (instruction, response), got {len(item)} items")
+        ins, resp = _clean(item[0], "instruction"), _clean(item[1], "response")
+        slots.append((slot((ins, resp)), slot((None, resp))))
+    if not keys:
+        return []
+    with base_only(lm):
+        scored = completion_logprobs(
+            lm,
+            [pmi_prefix(ins, cfg.n_shots_pmi) for ins, _ in keys],
+            [pmi_completion(resp) for _, resp in keys],
+            batch_size=cfg.batch_size,
+        )
+    out = []
+    for c, n in slots:
+        (lp_c, n_tok), (lp_n, _) = scored[c], scored[n]
+        out.append({**pmi_verdict(lp_c, lp_n, n_tok), "prompt_version": PROMPT_VERSION})
+    return out
+
+
 def score_responses(
     lm: LoadedModel, items: Sequence[tuple[str, str]], cfg: CriticConfig
 ) -> list[dict[str, Any]]:
-    """Pointwise verdict for each (instruction, response), judged alone: ``response_verdict``
-    fields (score = P(Yes) over Yes/No, logit_nats, raw log-probs) plus the prompt id.
-    Identical items are sent to the model once."""
+    """A verdict for each (instruction, response), judged alone. ``pair_mode`` "pmi":
+    ``pmi_scores``. Otherwise the pointwise Yes/No verdict: ``response_verdict`` fields
+    (score = P(Yes) over Yes/No, logit_nats, raw log-probs) plus the prompt id. Identical
+    items are sent to the model once."""
+    if cfg.pair_mode == "pmi":
+        return pmi_scores(lm, items, cfg)
     prompts: list[str] = []
     index: dict[str, int] = {}
     slots = []
@@ -531,8 +659,8 @@ def compare_pairs(
     """For each (instruction, first, second): soft preference ``p_first`` in [0, 1] for
     ``first``, by ``cfg.pair_mode``.
 
-    pointwise: every distinct response scored once (``score_responses``), then
-    ``pointwise_preference``; results hold both verdicts, ``margin_nats`` and
+    pmi / pointwise: every distinct response scored once (``score_responses``), then
+    ``strength_preference``; results hold both verdicts, ``margin_nats`` and
     ``position_consistent`` = None. pairwise: all 2N A/B prompts (both orders) in one batched
     call; results hold both orders' raw log-probs, ``position_consistent`` and ``margin_nats``.
     """
@@ -543,16 +671,14 @@ def compare_pairs(
             )
     if not instruction_response_pairs:
         return []
-    if cfg.pair_mode == "pointwise":
+    if cfg.pair_mode in ("pmi", "pointwise"):
         flat = [(ins, r) for ins, a, b in instruction_response_pairs for r in (a, b)]
         verdicts = score_responses(lm, flat, cfg)
         out = []
         for k in range(len(instruction_response_pairs)):
-            v1, v2 = verdicts[2 * k], verdicts[2 * k + 1]
-            res = pointwise_preference(
-                (v1["logp_yes"], v1["logp_no"]), (v2["logp_yes"], v2["logp_no"])
-            )
-            res["pointwise_prompt"] = cfg.pointwise_prompt
+            res = strength_preference(verdicts[2 * k], verdicts[2 * k + 1], cfg.pair_mode)
+            if cfg.pair_mode == "pointwise":
+                res["pointwise_prompt"] = cfg.pointwise_prompt
             res["prompt_version"] = PROMPT_VERSION
             out.append(res)
         return out

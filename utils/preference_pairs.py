@@ -11,11 +11,14 @@ For every stage-1 training instruction:
    leaked, or chat-control text.
 3. The base model's critic judges the remaining candidates, by ``critic.pair_mode``:
 
-   - ``pointwise``: each candidate is scored ONCE, alone (``score_responses``: k
-     prompts per instruction instead of k(k-1)); its score is P(Yes) over Yes/No, and every
-     pair's soft preference is sigmoid(logit(s_i) - logit(s_j)) (``pointwise_preference``),
-     with no position bias by construction (``position_consistent`` is None).
-   - ``pairwise`` (default): ``compare_pairs`` asks every pair of candidates in both A/B orders; a
+   - ``pmi`` (default): each candidate is scored ONCE, alone (``score_responses``): its score
+     is the mean log-likelihood gain per token that the instruction gives it under the base
+     weights, and every pair's soft preference is sigmoid(s_i - s_j) (``strength_preference``),
+     with no position bias by construction (``position_consistent`` is None). The only judge
+     above chance on the check set for gemma-3-270m.
+   - ``pointwise``: the same, with P(Yes) to "does it follow the instruction?" as the score
+     (its log-odds as strength).
+   - ``pairwise``: ``compare_pairs`` asks every pair of candidates in both A/B orders; a
      candidate's score is its mean soft win rate.
 4. Pairs are emitted for all compared pairs or only best-vs-worst; each carries a soft label
    (P(chosen better), in [0.5, 1]) and margin (2 * soft_label - 1). Pairs below the
@@ -26,7 +29,7 @@ For every stage-1 training instruction:
 Files (in the output directory):
 
 * ``judgements.jsonl``: one record per instruction, written FIRST: every candidate with its
-  exact prompt (and, pointwise, its own verdict), every comparison's raw numbers, every pair
+  exact prompt (and, pmi/pointwise, its own verdict), every comparison's raw numbers, every pair
   with kept/dropped reason, the ``pair_mode`` and the judge prompt id.
 * ``pairs.jsonl``: the kept pairs (id, instruction, type, prompt, chosen, rejected, soft_label,
   margin, candidates, judge), derived from the judgement record alone.
@@ -56,8 +59,8 @@ from utils.critic import (
     compare_pairs,
     histogram,
     judge_prompt_id,
-    pointwise_preference,
     score_responses,
+    strength_preference,
 )
 from utils.jsonl_io import JsonlAppender, JsonlError, read_jsonl, resume
 from utils.response_format import (
@@ -208,22 +211,25 @@ def candidate_scores(n: int, comparisons: Sequence[Mapping[str, Any]]) -> list[f
 
 
 def pointwise_comparisons(
-    verdicts: Sequence[Mapping[str, Any] | None], pairs: Sequence[tuple[int, int]]
+    verdicts: Sequence[Mapping[str, Any] | None],
+    pairs: Sequence[tuple[int, int]],
+    pair_mode: str = "pointwise",
 ) -> list[dict[str, Any]]:
-    """Comparisons derived from per-candidate pointwise verdicts, no model call: for (i, j),
-    ``pointwise_preference`` of candidate i over j (p_first, margin_nats, both verdicts)."""
+    """Comparisons derived from per-candidate verdicts (pmi or pointwise), no model call: for
+    (i, j), ``strength_preference`` of candidate i over j (p_first, margin_nats, both
+    verdicts)."""
     out = []
     for i, j in pairs:
         vi, vj = verdicts[i], verdicts[j]
         if vi is None or vj is None:
-            raise ValueError(f"candidate {i if vi is None else j} has no pointwise verdict")
-        res = pointwise_preference((vi["logp_yes"], vi["logp_no"]), (vj["logp_yes"], vj["logp_no"]))
-        out.append({"i": i, "j": j, **res})
+            raise ValueError(f"candidate {i if vi is None else j} has no {pair_mode} verdict")
+        out.append({"i": i, "j": j, **strength_preference(vi, vj, pair_mode)})
     return out
 
 
 def pointwise_candidate_scores(verdicts: Sequence[Mapping[str, Any] | None]) -> list[float | None]:
-    """A candidate's score is its own P(Yes) over Yes/No (None when it was not judged)."""
+    """A candidate's score is its own verdict's score (pointwise: P(Yes) over Yes/No; pmi: gain
+    per token), None when it was not judged."""
     return [None if v is None else v["score"] for v in verdicts]
 
 
@@ -485,7 +491,7 @@ def judge_candidates(
     per_record: list[list[dict[str, Any]]] = [[] for _ in records]
     scores_by_record: list[list[float | None]] = []
     n_prompts = [0] * len(records)
-    if critic.pair_mode == "pointwise":
+    if critic.pair_mode in ("pmi", "pointwise"):
         todo = [(r, i) for r, usable in enumerate(usable_by_record) for i in usable]
         verdicts = score_responses(
             lm, [(records[r]["instruction"], candidates[r][i]["text"]) for r, i in todo], critic
@@ -493,12 +499,12 @@ def judge_candidates(
         by_record: list[list[dict[str, Any] | None]] = [[None] * len(c) for c in candidates]
         for (r_idx, i), v in zip(todo, verdicts, strict=True):
             by_record[r_idx][i] = v
-            n_prompts[r_idx] += 1
+            n_prompts[r_idx] += 2 if critic.pair_mode == "pmi" else 1  # pmi: with and without
         for r_idx, usable in enumerate(usable_by_record):
             for c, v in zip(candidates[r_idx], by_record[r_idx], strict=True):
-                c["judge"] = v  # the candidate's own pointwise verdict (None: excluded)
+                c["judge"] = v  # the candidate's own verdict (None: excluded)
             per_record[r_idx] = pointwise_comparisons(
-                by_record[r_idx], list(combinations(usable, 2))
+                by_record[r_idx], list(combinations(usable, 2)), critic.pair_mode
             )
             scores_by_record.append(pointwise_candidate_scores(by_record[r_idx]))
     else:

@@ -413,6 +413,17 @@ def planned_max_steps(
     return total if cap < 0 else min(cap, total)
 
 
+def base_model_evaluation(trainer: Any) -> float | None:
+    """Dev loss of the BASE model (every LoRA adapter disabled) on the same dev split, through
+    the same collator and completion-only mask: the number the adapter's ``eval_loss`` must
+    beat. Logged as ``base_eval_loss``."""
+    if trainer.eval_dataset is None:
+        return None
+    with trainer.model.disable_adapter():
+        metrics = trainer.evaluate(metric_key_prefix="base_eval")
+    return metrics.get("base_eval_loss")
+
+
 def final_evaluation(trainer: Any) -> dict[str, Any]:
     """Metrics of the trained adapter on the dev split: the eval logged at the last step when
     there is one (an eval pass costs a minute on CPU), else a fresh ``trainer.evaluate()``."""
@@ -629,6 +640,7 @@ def run_sft(
         truncate_log(log_path, resumed_from_step)
     elif is_main and log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log
+    base_eval_loss = base_model_evaluation(trainer) if dev else None
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_wall = time.perf_counter() - t0
@@ -671,6 +683,7 @@ def run_sft(
             "train_loss_last": train_losses[-1] if train_losses else None,
             "train_loss_mean": out.training_loss,
             "eval_loss": final_eval.get("eval_loss"),
+            "base_eval_loss": base_eval_loss,  # same dev split, adapter disabled
             "train_wall_seconds": round(train_wall, 3),
             **summarise_steps(timer.step_seconds, timer.step_cpu_seconds),
             "tokens_seen": tokens_seen,
