@@ -24,7 +24,7 @@ def rec(instruction, response, raw=None, stop="marker", tokens=5, kind=None):
         "response_tokens": tokens,
     }
     if kind is not None:
-        record["instruction_type"] = kind
+        record["type"] = kind
     return record
 
 
@@ -144,7 +144,7 @@ def test_ends_mid_sentence(response, expected):
         ("response_tokens", True, "record 1: field 'response_tokens'"),
         ("response_tokens", -1, "record 1: field 'response_tokens'"),
         ("response", None, "record 1: field 'response' must be a str"),
-        ("instruction_type", 3, "record 1: field 'instruction_type'"),
+        ("type", 3, "record 1: field 'type'"),
     ],
 )
 def test_bad_records_name_the_record_and_field(field, value, message):

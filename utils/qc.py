@@ -6,7 +6,7 @@ and dropped failing shards silently; these metrics measure each of those failure
 
 A record is a dict with at least ``instruction``, ``response`` (cleaned), ``raw_completion``,
 ``stop_reason`` (one of ``STOP_REASONS``) and ``response_tokens`` (an int counted by the
-tokenizer, never derived from characters); ``instruction_type`` is optional.
+tokenizer, never derived from characters); ``type`` (the instruction type stage 1 records carry) is optional.
 
 Definitions (per record; a rate is the count over ``n``):
 
@@ -74,10 +74,10 @@ def _check_record(i: int, record: Any) -> None:
             f"record {i}: field 'response_tokens' must be a non-negative int (tokenizer count), "
             f"got {tokens!r}"
         )
-    kind = record.get("instruction_type")
+    kind = record.get("type")
     if kind is not None and not isinstance(kind, str):
         raise ValueError(
-            f"record {i}: field 'instruction_type' must be a str or absent, got {kind!r}"
+            f"record {i}: field 'type' must be a str or absent, got {kind!r}"
         )
 
 
@@ -196,7 +196,7 @@ def compute_qc(
         s: sum(r["stop_reason"] == s for r in records) for s in STOP_REASONS
     }
     qc["type_counts"] = dict(
-        sorted(Counter(r.get("instruction_type") or UNTYPED for r in records).items())
+        sorted(Counter(r.get("type") or UNTYPED for r in records).items())
     )
     qc["acceptance"] = _acceptance(step_counts or {})
     qc["flagged_examples"] = {
