@@ -335,7 +335,7 @@ def test_pmi_prompts_are_the_shared_format_with_an_empty_null_instruction():
 def test_completion_logprobs_equal_an_unpadded_forward_in_any_batch(tiny_qwen):
     import torch
 
-    from utils.generation import completion_logprobs
+    from utils.scoring import completion_logprobs
 
     prefixes = ["Instruction: Name a fruit.\nResponse:", "Hi", "Instruction: a\nResponse:"]
     comps = [" Mango.\nInstruction:", " there, how are you today?", " b"]
@@ -357,7 +357,7 @@ def test_completion_logprobs_equal_an_unpadded_forward_in_any_batch(tiny_qwen):
 
 
 def test_pmi_judge_scores_each_distinct_text_once_and_swaps_exactly(tiny_qwen, monkeypatch):
-    import utils.generation as gen
+    import utils.scoring as gen
 
     calls: list[tuple[list[str], list[str]]] = []
     real = gen.completion_logprobs

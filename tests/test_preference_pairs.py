@@ -257,7 +257,7 @@ CRITIC_POINTWISE = CriticConfig(
 
 
 def test_critic_judges_with_the_adapter_disabled(lm_sft, tiny_qwen):
-    from utils.generation import next_token_logprobs
+    from utils.scoring import next_token_logprobs
 
     items = [("Name a fruit.", "Mango.", "Tiger.")]
     with_adapter = compare_pairs(lm_sft, items, CRITIC)[0]

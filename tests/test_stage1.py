@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from utils.jsonl_io import read_jsonl
-from utils.stage1 import Stage1Config, Stage1Generator, split_list_items
+from utils.stage1 import Stage1Config, Stage1Generator, round_size, split_list_items
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,19 @@ def test_split_list_items_follows_the_numbering_and_flags_the_cut_line():
 )  # fmt: skip
 def test_response_rejection_reasons(response, stop, reason):
     assert Stage1Generator._reject_reason(response, stop) == reason
+
+
+def test_round_size_generates_only_what_the_shortfall_needs():
+    assert round_size(64, 506, []) == 64  # no yield measured yet: a full round
+    # default run: 3 full rounds gave 179, 398, 639 accepted (3.3 per prompt); after two
+    # rounds 108 are missing: ceil(1.25 * 108 * 128 / 398) = 44 prompts, not 64.
+    two = [{"id": 0, "n_prompts": 64, "n_accepted_total": 179},
+           {"id": 1, "n_prompts": 64, "n_accepted_total": 398}]  # fmt: skip
+    assert round_size(64, 506, two) == 44
+    assert round_size(64, 5000, two) == 64  # never more than a full round
+    assert round_size(64, 400, two) == 8  # at least 8 (target met: the loop stops anyway)
+    assert round_size(4, 400, two) == 4
+    assert round_size(64, 506, [{"id": 0, "n_prompts": 64, "n_accepted_total": 0}]) == 64
 
 
 def test_config_rejects_unknown_keys():
@@ -111,7 +124,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, gemma):
     assert all(r["reason"] for r in rejected)
     # QC counts the types the records carry (KNOWN_BUGS #15: it read a key no record has, so
     # every default-run record was "untyped").
-    qc = json.loads((out / "qc.json").read_text())
+    qc = json.loads((out / "qc.json").read_text())["qc"]  # qc.json = {"qc": ..., "gates": ...}
     assert all(r["type"] for r in train)
     assert qc["type_counts"] == dict(sorted(Counter(r["type"] for r in train).items()))
 

@@ -627,7 +627,7 @@ def eot_margin(p_complete: Sequence[float], p_unfinished: Sequence[float]) -> fl
 
 def weight_probe(lm: LoadedModel, batch_size: int = 32) -> dict[str, Any]:
     """P(any end token | answer so far) in every chat format the vocabulary supports."""
-    from utils.generation import next_token_logprobs
+    from utils.scoring import next_token_logprobs
 
     formats = available_formats(lm.tokenizer)
     ends = end_token_ids(lm)

@@ -9,8 +9,8 @@ continue, a few reviewed examples followed by the open question, e.g.
     Which response follows the instruction better? Answer: A
 
 and the verdict is read from log P(" A") vs log P(" B") (or " Yes" vs " No") at the next
-token, via ``utils.generation.next_token_logprobs``, or, for the default ``pmi`` pair judge,
-from the log-likelihood of the response itself (``utils.generation.completion_logprobs``) (full-vocabulary log-softmax, so the raw
+token, via ``utils.scoring.next_token_logprobs``, or, for the default ``pmi`` pair judge,
+from the log-likelihood of the response itself (``utils.scoring.completion_logprobs``) (full-vocabulary log-softmax, so the raw
 numbers are true log-probabilities and are kept next to the normalised score).
 
 * ``judge_instructions``: is an instruction clear, complete and answerable? score =
@@ -552,7 +552,8 @@ def base_only(lm: LoadedModel) -> Iterator[None]:
 
 
 def _logprobs(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], batch_size: int):
-    from utils.generation import next_token_logprobs, single_token_id
+    from utils.generation import single_token_id
+    from utils.scoring import next_token_logprobs
 
     ids = [single_token_id(lm, a) for a in answers]
     with base_only(lm):
@@ -585,7 +586,7 @@ def pmi_scores(
     """``pmi_verdict`` for each (instruction, response): two scorings of the response through
     the base weights, after its instruction and after the empty one. Each distinct scoring is
     computed once (a response repeated under several instructions shares its null score)."""
-    from utils.generation import completion_logprobs
+    from utils.scoring import completion_logprobs
 
     keys: list[tuple[str | None, str]] = []
     index: dict[tuple[str | None, str], int] = {}

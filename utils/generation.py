@@ -1,4 +1,4 @@
-"""Batched generation and next-token scoring for any model loaded by CleanModelLoader.
+"""Batched generation for any model loaded by CleanModelLoader (scoring: utils/scoring.py).
 
 - Prompts go through the loader's one encode path (BOS policy, chat-control refusal) and the
   ids actually fed to the model are checked again, row by row, after padding is stripped.
@@ -260,81 +260,9 @@ def generate(
     return [r for r in results if r is not None]
 
 
-@torch.inference_mode()
-def next_token_logprobs(
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    candidate_token_ids: Sequence[int],
-    batch_size: int = 16,
-    allow_control_tokens: bool = False,
-) -> torch.Tensor:
-    """log P(candidate token | prompt) for every prompt and candidate: shape (n_prompts, n_cands).
-
-    Used by the critic ("Answer: Yes/No", "A/B") and by sentinels. Full-vocabulary log-softmax,
-    so the numbers are true log-probabilities, not renormalised over the candidates."""
-    encoded = [lm.encode(p, allow_control_tokens=allow_control_tokens) for p in prompts]
-    cand = torch.tensor(list(candidate_token_ids), dtype=torch.long)
-    out = torch.empty((len(prompts), len(cand)), dtype=torch.float32)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    for batch in _batches(order, batch_size):
-        ids, mask = _pad_left([encoded[i] for i in batch], lm.policy.pad_token_id)
-        # logits_to_keep=1: only the last position's logits (the 262k-wide head dominates cost).
-        out_logits = lm.model(
-            input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), logits_to_keep=1
-        )
-        logits = out_logits.logits[:, -1, :]
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        out[batch] = logp[:, cand]
-    return out
-
-
 def single_token_id(lm: LoadedModel, text: str) -> int:
     """The id of ``text`` as ONE continuation token (e.g. " Yes"); raises if it is several."""
     ids = lm.tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise ValueError(f"{text!r} is {len(ids)} tokens for this tokenizer, not one: {ids}")
     return ids[0]
-
-
-@torch.inference_mode()
-def completion_logprobs(
-    lm: LoadedModel,
-    prefixes: Sequence[str],
-    completions: Sequence[str],
-    batch_size: int = 8,
-) -> list[tuple[float, int]]:
-    """(sum of log P(completion tokens | prefix), number of completion tokens) per pair.
-
-    The completion is tokenised on its own and appended to the encoded prefix (the way TRL
-    builds prompt/completion examples), so the boundary is exact. Rows are left-padded, so
-    every row's completion sits at the END of the batch and only the last ``max_c + 1``
-    positions' logits are computed (``logits_to_keep``): the 262k-wide head over the prompt
-    would otherwise dominate time and memory. Full-vocabulary log-softmax: true log-probs."""
-    if len(prefixes) != len(completions):
-        raise ValueError(f"{len(prefixes)} prefixes but {len(completions)} completions")
-    rows: list[tuple[list[int], int]] = []
-    for k, (p, c) in enumerate(zip(prefixes, completions, strict=True)):
-        c_ids = lm.tokenizer(c, add_special_tokens=False).input_ids
-        if not c_ids:
-            raise ValueError(f"completion {k} is empty after tokenisation: {c!r}")
-        ids = lm.encode(p) + c_ids
-        lm.check_ids(ids, where=f"completion_logprobs row {k}")
-        rows.append((ids, len(c_ids)))
-    out: list[tuple[float, int] | None] = [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    for batch in _batches(order, batch_size):
-        ids, mask = _pad_left([rows[i][0] for i in batch], lm.policy.pad_token_id)
-        keep = max(rows[i][1] for i in batch) + 1
-        logits = lm.model(
-            input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), logits_to_keep=keep
-        ).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        width = ids.shape[1]
-        for b, i in enumerate(batch):
-            n = rows[i][1]
-            target = ids[b, width - n :].to(logp.device)
-            # logits at kept position t predict token t + 1: the n completion tokens are
-            # predicted by kept positions keep-n-1 .. keep-2.
-            pred = logp[b, keep - n - 1 : keep - 1, :]
-            out[i] = (float(pred.gather(-1, target[:, None]).sum()), n)
-    return [r for r in out if r is not None]

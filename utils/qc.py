@@ -76,9 +76,7 @@ def _check_record(i: int, record: Any) -> None:
         )
     kind = record.get("type")
     if kind is not None and not isinstance(kind, str):
-        raise ValueError(
-            f"record {i}: field 'type' must be a str or absent, got {kind!r}"
-        )
+        raise ValueError(f"record {i}: field 'type' must be a str or absent, got {kind!r}")
 
 
 def ends_mid_sentence(response: str) -> bool:
@@ -195,9 +193,7 @@ def compute_qc(
     qc["stop_reason_counts"] = {
         s: sum(r["stop_reason"] == s for r in records) for s in STOP_REASONS
     }
-    qc["type_counts"] = dict(
-        sorted(Counter(r.get("type") or UNTYPED for r in records).items())
-    )
+    qc["type_counts"] = dict(sorted(Counter(r.get("type") or UNTYPED for r in records).items()))
     qc["acceptance"] = _acceptance(step_counts or {})
     qc["flagged_examples"] = {
         flag: [i for i, f in enumerate(values) if f][:MAX_FLAGGED_EXAMPLES]

@@ -21,6 +21,7 @@ that are missing and skips those written (ids are derived from round and slot).
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 import time
@@ -81,6 +82,24 @@ class Stage1Config:
 
 def _sid(*parts: Any) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def round_size(prompts_per_round: int, target: int, history: list[dict[str, Any]]) -> int:
+    """Prompts for the next instruction round: ``prompts_per_round``, or, once finished rounds
+    have measured the yield (accepted instructions per prompt), only as many as the remaining
+    shortfall needs with 25% to spare (at least 8), so the last round does not generate and
+    judge a full round's surplus. ``history``: the finished rounds' records in order
+    (``n_prompts``, ``n_accepted_total``), read back from disk, so a resumed run sizes its
+    rounds exactly as the uninterrupted run did."""
+    if not history:
+        return prompts_per_round
+    have = history[-1]["n_accepted_total"]
+    prompts = sum(r["n_prompts"] for r in history)
+    if have <= 0 or prompts <= 0:
+        return prompts_per_round
+    need = max(0, target - have)
+    size = math.ceil(1.25 * need * prompts / have)  # 1.25 x shortfall / (accepted per prompt)
+    return max(min(8, prompts_per_round), min(prompts_per_round, size))
 
 
 def split_list_items(raw: str, open_number: int, hit_limit: bool) -> list[tuple[str, bool]]:
@@ -150,7 +169,8 @@ class Stage1Generator:
             if r["reason"] == "critic_rejected":
                 index.add(r["text"])
         rounds_path = self.out / "instruction_rounds.jsonl"
-        rounds_done = {r["id"] for r in resume(rounds_path, key="id")[0]}
+        history = sorted(resume(rounds_path, key="id")[0], key=lambda r: r["id"])
+        rounds_done = {r["id"] for r in history}
         target = int((cfg.n_train + cfg.n_test) * (1 + cfg.instruction_overshoot))
         decoding = DecodingConfig(
             max_new_tokens=cfg.instruction_max_new_tokens,
@@ -170,7 +190,10 @@ class Stage1Generator:
                     break
                 rng = random.Random(cfg.seed * 1000 + rnd)
                 prompts, infos = [], []
-                for slot in range(cfg.prompts_per_round):
+                n_prompts = round_size(
+                    cfg.prompts_per_round, target, [r for r in history if r["id"] < rnd]
+                )
+                for slot in range(n_prompts):
                     if rng.random() < cfg.diversity_fraction:
                         cat = cp.rotate_categories(self.types, rnd * cfg.prompts_per_round + slot)
                         prompt, info = cp.diversity_prompt(
@@ -255,9 +278,9 @@ class Stage1Generator:
                         acc_w.write(c)
                         accepted.append(c)
                     done_ids.add(c["id"])
-                rounds_w.write(
-                    {"id": rnd, "n_prompts": len(prompts), "n_accepted_total": len(accepted)}
-                )
+                done = {"id": rnd, "n_prompts": len(prompts), "n_accepted_total": len(accepted)}
+                rounds_w.write(done)
+                history.append(done)
         self.timings["instructions_s"] = time.perf_counter() - t0
         return accepted
 
