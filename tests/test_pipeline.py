@@ -117,3 +117,20 @@ def test_real_stage_list_is_ordered_and_wired():
         produced.add(s.name)
     json.dumps([s.sections for s in STAGES])
     assert sys.executable
+
+
+def test_every_config_section_a_stage_script_reads_is_in_its_key():
+    """A stage whose script reads a config section missing from ``sections`` is not rerun when
+    that section changes (KNOWN_BUGS #16: stage 1 reads ``critic`` for its instruction filter,
+    and a new critic threshold kept the old stage-1 data)."""
+    import re
+
+    repo = Path(__file__).resolve().parent.parent
+    # section(cfg, "x"), run.cfg.get("x"), cfg_all["x"]: reads of a top-level section
+    top = r"\b(?:run\.)?cfg(?:_all)?"
+    read = re.compile(rf"""(?:section\(\s*{top}\s*,|{top}(?:\.get\(|\[))\s*["']([a-z]\w*)["']""")
+    for s in STAGES:
+        names = set(read.findall((repo / s.script).read_text()))
+        assert names, f"{s.script}: the pattern found no config read; update the test"
+        assert names <= set(s.sections), (s.name, sorted(names - set(s.sections)))
+

@@ -44,7 +44,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "stage1",
         "scripts/generate_stage1_sft_data.py",
-        sections=("model", "stage1"),
+        sections=("model", "stage1", "critic"),  # the critic filters instructions
         inputs=(),
         args=lambda run: ["--out", str(run / "stage1")],
     ),
@@ -75,7 +75,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "eval",
         "scripts/evaluate_capability_differentiation.py",
-        sections=("model", "eval"),
+        sections=("model", "eval", "sentinels"),  # the report carries each arm's verdict
         inputs=(
             "stage1/train.jsonl",
             "sft/adapter/adapter_model.safetensors",

@@ -34,8 +34,8 @@ MIN_SHARED_PREFIX = 16
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
-    """The forward keyword that takes a KV cache: ``cache`` from transformers 5.2x on (where
-    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    """The forward keyword (and output field) of the KV cache: ``cache`` from transformers 5.2x
+    on (where ``past_key_values`` is deprecated), ``past_key_values`` before."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
@@ -69,10 +69,12 @@ def _read_tails(
         if not 1 <= k <= len(r):
             raise ValueError(f"row {i}: cannot read {k} positions of a {len(r)}-token row")
     shared = 0 if min_shared_prefix is None else shared_prefix_length(rows, reads)
+    cache_kw = _cache_kwarg(lm.model)
     prefix_cache = None
     if shared and shared >= min_shared_prefix:
         ids = torch.tensor([rows[0][:shared]], dtype=torch.long, device=lm.device)
-        prefix_cache = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        prefix_cache = getattr(out, cache_kw)
     else:
         shared = 0
     pad_id = lm.policy.pad_token_id
@@ -95,7 +97,7 @@ def _read_tails(
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(batch))
-            kwargs[_cache_kwarg(lm.model)] = cache
+            kwargs[cache_kw] = cache
         logits = lm.model(
             input_ids=ids.to(lm.device),
             attention_mask=mask.to(lm.device),
