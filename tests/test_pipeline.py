@@ -133,4 +133,3 @@ def test_every_config_section_a_stage_script_reads_is_in_its_key():
         names = set(read.findall((repo / s.script).read_text()))
         assert names, f"{s.script}: the pattern found no config read; update the test"
         assert names <= set(s.sections), (s.name, sorted(names - set(s.sections)))
-
