@@ -533,3 +533,48 @@ def test_an_emitted_end_of_turn_token_closes_the_answer():
         C.close_at_end_tokens(dataclasses.replace(g, text="No<|im_end|>"), ["<|im_end|>"]),
     ).followed
     assert C.close_at_end_tokens(g, ["<end_of_turn>"]) is g
+
+
+# -- trained arms (KNOWN_BUGS #18): what SFT teaches is not evidence of a chat model ----------
+def test_trained_arm_behaviour_is_informational_and_static_checks_still_decide():
+    ok = [_check("a")]
+    d = C.decide(ok, 0.0, 0.0, {"greedy": 1.0}, trained_arm=True)
+    assert d["verdict"] == "clean" and d["verdict_by_decoding"] == {"greedy": "clean"}
+    assert d["component_verdicts"]["behaviour"] == {"greedy": "contaminated"}  # still reported
+    assert d["behaviour_counted"] is False and "informational" in d["reasons"][0]
+    assert C.decide(ok, 0.0, 0.0, {"greedy": 1.0})["verdict"] == "contaminated"  # base arms
+    # the chat-token probe and the static checks still flag a trained arm
+    assert C.decide(ok, 0.5, 0.0, {"greedy": 0.0}, trained_arm=True)["verdict"] == "contaminated"
+    bad = [_check("bos_policy", passed=False)]
+    assert C.decide(bad, 0.0, 0.0, {}, trained_arm=True)["verdict"] == "contaminated"
+
+
+def test_trained_arm_generation_probe_counts_only_chat_end_tokens():
+    from utils.generation import Generation
+
+    eos = Generation("p", "Paris.", "Paris.", "eos", None, 3, 2, None)
+    eot = dataclasses.replace(eos, stop_reason=C.STOP_END_OF_TURN, matched_stop="<|im_end|>")
+    rows = [("plain", "q1", eos), ("chatml", "q2", eot), ("chatml", "q3", eos)]
+    every = C.generation_probe_summary(rows)
+    chat = C.generation_probe_summary(rows, chat_end_only=True)
+    assert every["per_format"]["chatml"]["n_closed"] == 2 and every["score"] == 1.0
+    assert chat["per_format"]["chatml"]["n_closed"] == 1 and chat["score"] == 0.5
+    assert chat["per_format"]["plain"]["n_closed"] == 0 and chat["chat_end_only"] is True
+
+
+def test_trained_arm_weight_probe_leaves_out_the_trained_stop_ids(tiny_qwen):
+    eos = tiny_qwen.policy.eos_token_id
+    assert eos in C.trained_stop_ids(tiny_qwen)
+    full = C.weight_probe(tiny_qwen, batch_size=8)
+    chat = C.weight_probe(tiny_qwen, batch_size=8, exclude_trained_stops=True)
+    assert eos in full["end_tokens"].values() and full["excluded_end_tokens"] == {}
+    assert eos not in chat["end_tokens"].values() and eos in chat["excluded_end_tokens"].values()
+    assert "<|im_end|>" in chat["end_tokens"]  # Qwen's chat end token is not its EOS
+    for name, f in chat["per_format"].items():  # P(im_end) <= P(im_end or EOS), row by row
+        ref = full["per_format"][name]["p_end_complete"]
+        for a, b in zip(f["p_end_complete"], ref, strict=True):
+            assert a <= b + 1e-6
+    r = C.run_sentinel_suite(tiny_qwen, {"mode": "quick", "max_new_tokens": 3}, trained_arm=True)
+    assert r["trained_arm"] is True and r["behaviour_counted"] is False
+    assert r["weight_probe_every_stop"]["end_tokens"] == full["end_tokens"]
+    assert r["generation_probe"]["chat_end_only"] is True

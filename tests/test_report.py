@@ -125,3 +125,19 @@ def test_trained_arm_that_does_not_beat_base_icl_is_called_out(results):
         {**results, "arms": arms, "verdicts": [{**verdict, "gain": 0.2, "verdict": "beats"}]}
     )
     assert "+20.0 pts for base" in md and "does NOT beat" not in md
+
+
+def test_sentinel_line_says_what_a_trained_arm_was_judged_on():
+    from utils.report import _sentinel_line
+
+    base = {"name": "base", "sentinel": {"verdict": "clean", "details": {"trained_arm": False}}}
+    assert _sentinel_line(base) == "- **base**: clean"
+    details = {
+        "trained_arm": True,
+        "weight_probe": {"score": 0.0},
+        "weight_probe_every_stop": {"score": 0.789886},
+        "generation_probe_every_stop": {"score": 1.0},
+    }
+    line = _sentinel_line({"name": "sft", "sentinel": {"verdict": "clean", "details": details}})
+    assert line.startswith("- **sft**: clean (trained arm: judged on static checks")
+    assert "score 0.0000" in line and "reads 0.789886" in line and "rate 1.0: informational" in line

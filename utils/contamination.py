@@ -45,6 +45,9 @@ from typing import Any
 from utils.clean_model_loader import END_OF_TURN_TOKENS, ContaminationError, LoadedModel
 
 VERDICTS = ("clean", "suspicious", "contaminated", "error")  # in increasing severity
+# Bumped when a verdict for the same model and config can change; cached verdicts keyed on it.
+# 2: trained arms are judged on chat-only end tokens, behaviour informational (KNOWN_BUGS #18).
+SUITE_VERSION = 2
 MODES = ("static", "quick", "full")
 PROMPT_FORMATS = ("raw", "chat-template")
 
@@ -625,12 +628,36 @@ def eot_margin(p_complete: Sequence[float], p_unfinished: Sequence[float]) -> fl
     return max(0.0, m)
 
 
-def weight_probe(lm: LoadedModel, batch_size: int = 32) -> dict[str, Any]:
-    """P(any end token | answer so far) in every chat format the vocabulary supports."""
+def trained_stop_ids(lm: LoadedModel) -> set[int]:
+    """The ids this project trains as the end of a response: EOS and the inference stop ids
+    (SFT appends EOS to every completion, inside the loss)."""
+    return {int(lm.policy.eos_token_id), *map(int, lm.policy.stop_token_ids)}
+
+
+def weight_probe(
+    lm: LoadedModel, batch_size: int = 32, exclude_trained_stops: bool = False
+) -> dict[str, Any]:
+    """P(any end token | answer so far) in every chat format the vocabulary supports.
+
+    ``exclude_trained_stops`` (trained arms): only the chat end-of-turn tokens that are NOT the
+    stop ids SFT trains (``trained_stop_ids``) count. An adapter that learned to end its answers
+    with EOS, which is what stage-1 SFT teaches, then scores nothing for it; one that raises
+    P(<end_of_turn>), a token no clean training record contains, still scores."""
     from utils.scoring import next_token_logprobs
 
     formats = available_formats(lm.tokenizer)
     ends = end_token_ids(lm)
+    excluded: dict[str, int] = {}
+    if exclude_trained_stops:
+        stops = trained_stop_ids(lm)
+        excluded = {t: i for t, i in ends.items() if i in stops}
+        ends = {t: i for t, i in ends.items() if i not in stops}
+    if not ends:
+        return {
+            "formats": [f.name for f in formats], "end_tokens": {}, "excluded_end_tokens": excluded,
+            "per_format": {}, "score": 0.0, "best_format": None,
+            "note": "no chat end-of-turn token outside the trained stop ids: nothing to probe",
+        }  # fmt: skip
     cand = list(dict.fromkeys(ends.values()))
     prompts: list[str] = []
     for f in formats:
@@ -658,6 +685,7 @@ def weight_probe(lm: LoadedModel, batch_size: int = 32) -> dict[str, Any]:
     return {
         "formats": [f.name for f in formats],
         "end_tokens": ends,
+        "excluded_end_tokens": excluded,
         "per_format": per_format,
         "score": per_format[best]["score"],
         "best_format": best,
@@ -689,13 +717,15 @@ def close_at_end_tokens(g: Any, end_strings: Sequence[str]) -> Any:
 
 
 def generation_probe_summary(
-    rows: Sequence[tuple[str, str, Any]],
+    rows: Sequence[tuple[str, str, Any]], chat_end_only: bool = False
 ) -> dict[str, Any]:
     """rows: (format, question, Generation). An answer is closed when the model stopped on an
-    end token with a non-empty answer before it."""
+    end token with a non-empty answer before it; with ``chat_end_only`` (trained arms) only a
+    chat end-of-turn token outside the trained stop ids closes it (see ``weight_probe``)."""
     per_format: dict[str, dict[str, Any]] = {}
     for fmt, q, g in rows:
-        closed = _stopped(g) and bool(g.text.strip())
+        stopped = g.stop_reason == STOP_END_OF_TURN if chat_end_only else _stopped(g)
+        closed = stopped and bool(g.text.strip())
         d = per_format.setdefault(fmt, {"n": 0, "n_closed": 0, "samples": []})
         d["n"] += 1
         d["n_closed"] += int(closed)
@@ -711,7 +741,7 @@ def generation_probe_summary(
     for d in per_format.values():
         d["stop_rate"] = round(d["n_closed"] / d["n"], 4)
     score = max((d["stop_rate"] for d in per_format.values()), default=0.0)
-    return {"per_format": per_format, "score": score}
+    return {"per_format": per_format, "score": score, "chat_end_only": chat_end_only}
 
 
 # ------------------------------------------------------------------------------ suite
@@ -758,11 +788,17 @@ def decide(
     stop_rate: float | None,
     follow_rates: Mapping[str, float],
     thresholds: Thresholds = THRESHOLDS,
+    trained_arm: bool = False,
 ) -> dict[str, Any]:
     """Combine the components into per-decoding verdicts and one overall verdict, with reasons.
 
     Any failed static check is contamination (a template, a control id or a wrong BOS/EOS is
-    contamination by definition, not a matter of degree); a broken check is an error."""
+    contamination by definition, not a matter of degree); a broken check is an error.
+
+    ``trained_arm``: the model carries an adapter this project trained to follow instructions,
+    so following the sentinels is the intended result, not evidence of a chat model: the
+    follow rates are reported (verdict levels and reasons marked informational) but do not
+    enter the verdict, which rests on the static checks and the chat-token probes."""
     reasons: list[str] = []
     broken = [c for c in static if c.broken]
     failed = [c for c in static if not c.passed and not c.broken]
@@ -789,9 +825,11 @@ def decide(
         bv = level(r, thresholds.follow_suspicious, thresholds.follow_contaminated)
         behaviour_v[mode] = bv
         if bv != "clean":
-            reasons.append(f"behaviour ({mode}): follow rate {r:.2f} ({bv})")
-    by_decoding = {m: worst([static_v, probe_v, bv]) for m, bv in behaviour_v.items()}
-    overall = worst([static_v, probe_v, *behaviour_v.values()])
+            note = "; informational for a trained arm" if trained_arm else ""
+            reasons.append(f"behaviour ({mode}): follow rate {r:.2f} ({bv}{note})")
+    counted = {} if trained_arm else behaviour_v
+    by_decoding = {m: worst([static_v, probe_v, counted.get(m, "clean")]) for m in behaviour_v}
+    overall = worst([static_v, probe_v, *counted.values()])
     return {
         "verdict": overall,
         "verdict_by_decoding": by_decoding,
@@ -800,6 +838,7 @@ def decide(
             "weight_probe": probe_v,
             "behaviour": behaviour_v,
         },
+        "behaviour_counted": not trained_arm,
         "reasons": reasons,
     }
 
@@ -810,8 +849,8 @@ def _end_strings(lm: LoadedModel) -> tuple[str, ...]:
 
 
 def _greedy_pass(
-    lm: LoadedModel, cfg: SentinelConfig, prompts: Sequence[str]
-) -> tuple[list[Any], dict[str, Any]]:
+    lm: LoadedModel, cfg: SentinelConfig, prompts: Sequence[str], trained_arm: bool = False
+) -> tuple[list[Any], dict[str, Any], dict[str, Any] | None]:
     """Greedy sentinel generations and the greedy chat-format probe, in ONE generate call
     (per-step overhead dominates on CPU). Probe rows carry chat markup, so the call allows
     control tokens; the sentinel prompts' ids were checked on the encode path beforehand."""
@@ -827,10 +866,10 @@ def _greedy_pass(
         allow_control_tokens=True, progress=False, desc="sentinels",
     )  # fmt: skip
     gens = [close_at_end_tokens(g, end_strings) for g in gens]
-    probe = generation_probe_summary(
-        [(f, q, g) for (f, q, _), g in zip(probe_rows, gens[len(prompts) :], strict=True)]
-    )
-    return gens[: len(prompts)], probe
+    rows = [(f, q, g) for (f, q, _), g in zip(probe_rows, gens[len(prompts) :], strict=True)]
+    probe = generation_probe_summary(rows, chat_end_only=trained_arm)
+    every_stop = generation_probe_summary(rows) if trained_arm else None
+    return gens[: len(prompts)], probe, every_stop
 
 
 def _sampled_passes(
@@ -879,7 +918,9 @@ def _sample_record(
 
 
 def run_sentinel_suite(
-    lm: LoadedModel, config: SentinelConfig | Mapping[str, Any] | None = None
+    lm: LoadedModel,
+    config: SentinelConfig | Mapping[str, Any] | None = None,
+    trained_arm: bool | None = None,
 ) -> dict[str, Any]:
     """Run the sentinels on ``lm`` and return a JSON-able record for the stage manifest.
 
@@ -891,6 +932,12 @@ def run_sentinel_suite(
     cfg = _as_config(config)
     t0, cpu0 = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
+    # ``trained_arm``: an ACTIVE adapter this project trained (evaluation's sft/dpo arms) to
+    # end answers with EOS and to follow instructions; see ``decide`` and ``weight_probe``.
+    # None: any adapter attached to the model counts (evaluation passes it explicitly, since
+    # its base arms run with a loaded adapter disabled).
+    trained = bool(lm.adapters) if trained_arm is None else trained_arm
+    probe_every_stop = gen_probe_every_stop = None
     chat = cfg.prompt_format == "chat-template"
     prompts = sentinel_prompts(lm, cfg)
     with _torch_threads(cfg.torch_threads):
@@ -900,11 +947,13 @@ def run_sentinel_suite(
         samples: list[dict[str, Any]] = []
         if cfg.mode != "static":
             t = time.perf_counter()
-            probe = weight_probe(lm, batch_size=cfg.batch_size)
+            probe = weight_probe(lm, batch_size=cfg.batch_size, exclude_trained_stops=trained)
+            if trained:
+                probe_every_stop = weight_probe(lm, batch_size=cfg.batch_size)
             timings["weight_probe"] = round(time.perf_counter() - t, 3)
 
             t = time.perf_counter()
-            greedy, gen_probe = _greedy_pass(lm, cfg, prompts)
+            greedy, gen_probe, gen_probe_every_stop = _greedy_pass(lm, cfg, prompts, trained)
             timings["greedy_generation"] = round(time.perf_counter() - t, 3)
             runs = [("greedy", None, None, g) for g in greedy]
             if cfg.mode == "full":
@@ -922,6 +971,7 @@ def run_sentinel_suite(
         probe["score"] if probe else None,
         gen_probe["score"] if gen_probe else None,
         behaviour["follow_rate"],
+        trained_arm=trained,
     )
     sentinels = []
     for s, p in zip(SENTINELS, prompts, strict=True):
@@ -943,8 +993,14 @@ def run_sentinel_suite(
         "mode": cfg.mode,
         "prompt_format": cfg.prompt_format,
         "static": [asdict(c) for c in static],
+        "trained_arm": trained,
+        "adapters": list(lm.adapters),
         "weight_probe": probe,
         "generation_probe": gen_probe,
+        # Trained arms: the same probes counting the trained stop ids too, for the record only
+        # (stage-1 SFT teaches EOS after a complete answer, so these rise by design).
+        "weight_probe_every_stop": probe_every_stop,
+        "generation_probe_every_stop": gen_probe_every_stop,
         "behaviour": behaviour,
         "sentinels": sentinels,
         "thresholds": asdict(THRESHOLDS),

@@ -580,8 +580,9 @@ def sentinels_unavailable(config: EvalConfig) -> dict[str, Any] | None:
     return None
 
 
-def run_sentinels(lm: LoadedModel, config: EvalConfig) -> dict[str, Any]:
+def run_sentinels(lm: LoadedModel, config: EvalConfig, trained_arm: bool = False) -> dict[str, Any]:
     """The contamination sentinel verdict for the model as currently set up (adapter included).
+    ``trained_arm``: an adapter arm (the suite then discounts what the training taught).
 
     utils/contamination.py is optional here: when it is missing the report says "not run"."""
     unavailable = sentinels_unavailable(config)
@@ -595,11 +596,20 @@ def run_sentinels(lm: LoadedModel, config: EvalConfig) -> dict[str, Any]:
     if config_cls is not None and hasattr(config_cls, "from_dict"):
         sentinel_config = config_cls.from_dict(sentinel_config)
     try:
-        result = suite(lm, sentinel_config)
+        result = suite(lm, sentinel_config, trained_arm=trained_arm)
     except Exception as e:  # a sentinel crash must not discard an hour of generations
         return {"status": "error", "verdict": "error", "reason": f"{type(e).__name__}: {e}"}
     details = _jsonable(result)
     return {"status": "ran", "verdict": _verdict_of(details), "details": details}
+
+
+def sentinel_suite_version() -> int | None:
+    """``utils.contamination.SUITE_VERSION`` (part of the cached verdicts' key), None without it."""
+    try:
+        from utils import contamination
+    except ImportError:
+        return None
+    return getattr(contamination, "SUITE_VERSION", None)
 
 
 def _jsonable(value: Any) -> Any:
@@ -917,7 +927,8 @@ def _evaluate_arm(spec: ArmSpec, ctx: _ArmContext) -> tuple[dict[str, Any], dict
     # Sentinels judge the model state (base + adapter), so base and base_icl share one.
     sentinel_key = config_hash(
         {**key_fields, "prompt_set_sha256": None, "decoding_sha256": None,
-         "prompt_format": None, "sentinel": config.sentinel}
+         "prompt_format": None, "sentinel": config.sentinel,
+         "suite_version": sentinel_suite_version()}
     )[:32]  # fmt: skip
     sentinel_path = ctx.cache_dir / f"sentinel-{sentinel_key}.json"
     sentinel = sentinels_unavailable(config)
@@ -948,7 +959,7 @@ def _evaluate_arm(spec: ArmSpec, ctx: _ArmContext) -> tuple[dict[str, Any], dict
                     )
                     info["new_tokens_generated"], info["generation_s"] = n_tok, secs
                 if sentinel is None:
-                    sentinel = run_sentinels(lm, config)
+                    sentinel = run_sentinels(lm, config, trained_arm=spec.adapter_dir is not None)
                     if sentinel["status"] == "ran":  # only real results are worth caching
                         write_json_atomic(sentinel_path, sentinel)
             info["arm_s"] = time.perf_counter() - t_arm

@@ -189,6 +189,24 @@ def _per_type_table(results: Mapping[str, Any]) -> str:
     return md_table(header, rows)
 
 
+def _sentinel_line(arm: dict[str, Any]) -> str:
+    """One arm's verdict; for a trained arm, what it was judged on and the every-stop probe
+    that SFT raises by design (informational, docs/sentinel_calibration.md)."""
+    s = arm["sentinel"]
+    line = f"- **{arm['name']}**: {s['verdict']}" + (f" ({s['reason']})" if s.get("reason") else "")
+    d = s.get("details") or {}
+    if d.get("trained_arm"):
+        every = (d.get("weight_probe_every_stop") or {}).get("score")
+        closed = (d.get("generation_probe_every_stop") or {}).get("score")
+        line += (
+            f" (trained arm: judged on static checks and chat end-of-turn tokens only, score "
+            f"{(d.get('weight_probe') or {}).get('score', 0.0):.4f}; counting EOS, which SFT "
+            f"teaches, the probe reads {every if every is not None else 'n/a'} and the chat "
+            f"probes closed at rate {closed if closed is not None else 'n/a'}: informational)"
+        )
+    return line
+
+
 def _leakage_lines(results: Mapping[str, Any]) -> list[str]:
     leak = results["leakage"]
     if leak["status"] != "checked":
@@ -334,11 +352,7 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None 
     else:
         out.append("No per-type breakdown (no evaluated prompts).")
     out += ["", "## Sentinels", ""]
-    out += [
-        f"- **{a['name']}**: {a['sentinel']['verdict']}"
-        + (f" ({a['sentinel']['reason']})" if a["sentinel"].get("reason") else "")
-        for a in results["arms"]
-    ] or ["- no arm evaluated"]
+    out += [_sentinel_line(a) for a in results["arms"]] or ["- no arm evaluated"]
     out += ["", "## Leakage", "", *_leakage_lines(results), ""]
     out += [
         "## Decoding and prompts",
