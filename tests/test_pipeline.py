@@ -104,7 +104,7 @@ def test_a_failed_stage_stops_the_pipeline_and_is_resumed_next_time(tmp_path):
 
 def test_real_stage_list_is_ordered_and_wired():
     names = [s.name for s in STAGES]
-    assert names == ["stage1", "sft", "pairs", "dpo", "eval"]
+    assert names == ["stage1", "sft", "pairs", "dpo", "cai_pairs", "cai", "eval"]
     repo = Path(__file__).resolve().parent.parent
     for s in STAGES:
         assert (repo / s.script).exists(), s.script
@@ -117,6 +117,22 @@ def test_real_stage_list_is_ordered_and_wired():
         produced.add(s.name)
     json.dumps([s.sections for s in STAGES])
     assert sys.executable
+    for s in STAGES:  # repository files a stage reads exist and are hashed into its key
+        assert all((repo / i).is_file() for i in s.repo_inputs), (s.name, s.repo_inputs)
+
+
+def test_editing_the_constitution_reruns_the_cai_pairs_stage(tmp_path, monkeypatch):
+    import utils.pipeline as P
+
+    (tmp_path / "configs").mkdir()
+    const = tmp_path / "configs" / "constitution.yaml"
+    const.write_text("version: 1\n")
+    monkeypatch.setattr(P, "REPO_ROOT", tmp_path)
+    [stage] = [s for s in STAGES if s.name == "cai_pairs"]
+    before = P.stage_key(stage, {"cai": {}}, tmp_path / "run")
+    assert P.stage_key(stage, {"cai": {}}, tmp_path / "run") == before
+    const.write_text("version: 2\n")
+    assert P.stage_key(stage, {"cai": {}}, tmp_path / "run") != before
 
 
 def test_every_config_section_a_stage_script_reads_is_in_its_key():

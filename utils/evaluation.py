@@ -69,8 +69,9 @@ from utils.response_format import (
 )
 
 BASE_ARMS = ("base", "base_icl")  # arms without an adapter
-RUN_ADAPTER_ARMS = {"sft": "sft/adapter", "dpo": "dpo/adapter"}  # arm -> path inside the run
-DEFAULT_ARMS = ("base", "base_icl", "sft", "dpo")
+# arm -> path inside the run
+RUN_ADAPTER_ARMS = {"sft": "sft/adapter", "dpo": "dpo/adapter", "cai": "cai/adapter"}
+DEFAULT_ARMS = ("base", "base_icl", "sft", "dpo", "cai")
 ZERO_SHOT, FEW_SHOT = "zero_shot", "few_shot"
 CACHE_SCHEMA = 1  # bump when a cache record's meaning changes, so old caches are not reused
 _ARM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")

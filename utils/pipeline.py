@@ -6,7 +6,8 @@ config sections the stage reads and the content of its input files. A stage is s
 stamp matches; a stage without a stamp (killed mid-way) is rerun and resumes by itself; a stage
 whose key changed is moved aside (``<stage>.stale-<time>``, nothing deleted) and rerun.
 
-Adding a stage (e.g. the constitutional stage) is one more ``Stage(...)`` entry in ``STAGES``.
+Adding a stage is one more ``Stage(...)`` entry in ``STAGES`` (the constitutional stages,
+``cai_pairs`` and ``cai``, were added that way).
 Each stage runs in its own process, so exactly one model is resident at a time.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from utils.constitution import cai_dpo_args
 from utils.jsonl_io import write_json_atomic
 from utils.provenance import config_hash
 
@@ -38,6 +40,7 @@ class Stage:
     inputs: tuple[str, ...]  # files (relative to the run dir) whose content it reads
     args: Callable[[Path], list[str]]
     ok_exit_codes: tuple[int, ...] = (0,)
+    repo_inputs: tuple[str, ...] = ()  # files of the repository it reads (relative to its root)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -73,6 +76,33 @@ STAGES: tuple[Stage, ...] = (
         args=lambda run: ["--run-dir", str(run)],
     ),
     Stage(
+        "cai_pairs",
+        "scripts/generate_cai_pairs.py",
+        sections=("model", "cai"),
+        inputs=(
+            "stage1/train.jsonl",
+            "sft/adapter/adapter_model.safetensors",
+            "dpo/adapter/adapter_model.safetensors",
+        ),
+        args=lambda run: ["--run", str(run)],
+        repo_inputs=("configs/constitution.yaml",),
+        # Exit 1 = no CAI pair kept (labels within cai.label_margin of 0.5): the CAI DPO stage
+        # records "skipped" and the report lists the cai arm as skipped, with the reason.
+        ok_exit_codes=(0, 1),
+    ),
+    Stage(
+        "cai",
+        "scripts/train_stage1_dpo.py",
+        sections=("model", "dpo"),
+        inputs=(
+            "cai_pairs/pairs.jsonl",
+            "sft/adapter/adapter_model.safetensors",
+            "dpo/adapter/adapter_model.safetensors",
+        ),
+        # --pairs <run>/cai_pairs/pairs.jsonl --sft-adapter <the policy the pairs came from>
+        args=cai_dpo_args,
+    ),
+    Stage(
         "eval",
         "scripts/evaluate_capability_differentiation.py",
         sections=("model", "eval", "sentinels"),  # the report carries each arm's verdict
@@ -80,6 +110,7 @@ STAGES: tuple[Stage, ...] = (
             "stage1/train.jsonl",
             "sft/adapter/adapter_model.safetensors",
             "dpo/adapter/adapter_model.safetensors",
+            "cai/adapter/adapter_model.safetensors",
         ),
         args=lambda run: ["--run", str(run)],
     ),
@@ -102,6 +133,8 @@ def stage_key(stage: Stage, cfg: dict[str, Any], run_dir: Path) -> str:
         "config": {s: cfg.get(s) for s in stage.sections},
         "inputs": {i: file_digest(run_dir / i) for i in stage.inputs},
     }
+    if stage.repo_inputs:  # e.g. the constitution: editing it reruns the CAI stages
+        parts["repo_inputs"] = {i: file_digest(REPO_ROOT / i) for i in stage.repo_inputs}
     return config_hash(parts)
 
 

@@ -1,0 +1,135 @@
+"""Constitutional (CAI) preference pairs: the policy answers, the BASE model critiques, revises
+and judges original vs revision against a principle of the constitution.
+
+    python scripts/generate_cai_pairs.py --run runs/default
+    python scripts/generate_cai_pairs.py --run runs/default --constitution configs/constitution.yaml
+    python scripts/train_stage1_dpo.py --run-dir runs/default --pairs runs/default/cai_pairs/pairs.jsonl \\
+        --sft-adapter <policy adapter from the manifest> --out runs/default/cai
+
+Reads runs/<run>/stage1/train.jsonl and the policy adapter (``cai.policy``: auto = the DPO
+adapter when stage 4 trained one, else runs/<run>/sft/adapter); writes
+<out>/{records,pairs}.jsonl and manifest.json (default <out>: runs/<run>/cai_pairs). The run
+config's ``cai`` section is optional (CAIConfig defaults when absent). Rerunning after a kill
+resumes with no duplicate. Exit 0 ok, 1 when no pair was kept, 2 bad input (the message names
+the file, line or principle, and field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.clean_model_loader import (  # noqa: E402
+    AdapterMismatchError,
+    ContaminationError,
+    adapter_hash,
+    attach_adapter,
+)
+from utils.config import ConfigError, add_config_args, section  # noqa: E402
+from utils.constitution import (  # noqa: E402
+    DEFAULT_CONSTITUTION,
+    CAIConfig,
+    load_constitution,
+    resolve_policy,
+    run_constitution,
+)
+from utils.jsonl_io import JsonlError  # noqa: E402
+from utils.preference_pairs import load_training_instructions  # noqa: E402
+from utils.run_context import StageRun  # noqa: E402
+
+
+def print_summary(summary: dict, out_dir: Path) -> None:
+    c, t = summary["counts"], summary["timings"]
+    rate = c["position_consistent_rate"]
+    p_rev = c["p_revision_mean"]
+    rows = [
+        ("instructions", c["instructions"]),
+        ("  judged (both orders)", c["judged"]),
+        ("pairs kept", c["pairs_kept"]),
+        ("  chosen = revision / original",
+         f"{c['chosen_side']['revision']} / {c['chosen_side']['original']}"),
+        *((f"  dropped: {k}", v) for k, v in c["pairs_dropped"].items()),
+        ("position-consistent judgements", "n/a" if rate is None else f"{rate:.3f}"),
+        ("mean P(prefer revision)", "n/a" if p_rev is None else f"{p_rev:.3f}"),
+        ("resumed / new instructions",
+         f"{summary['resume']['instructions_already_done']} / "
+         f"{summary['resume']['instructions_new']}"),
+        ("response / critique / revision / judge s",
+         f"{t['response_s']} / {t['critique_s']} / {t['revision_s']} / {t['judge_s']}"),
+    ]  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    print("\nCAI pairs summary")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    hist = c["soft_label_histogram_kept"]
+    print(
+        "  kept soft labels: "
+        + " ".join(f"{e:.2f}:{n}" for e, n in zip(hist["edges"], hist["counts"], strict=False))
+    )
+    print(f"\nwrote {out_dir / 'pairs.jsonl'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(ap)
+    ap.add_argument("--run", required=True, help="run directory, e.g. runs/default")
+    ap.add_argument("--out", default=None, help="output directory (default: <run>/cai_pairs)")
+    ap.add_argument(
+        "--constitution", default=str(DEFAULT_CONSTITUTION),
+        help="constitution YAML (default: %(default)s)",
+    )  # fmt: skip
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    run_dir = Path(args.run)
+    train_path = run_dir / "stage1" / "train.jsonl"
+    adapter_dir = None
+    try:
+        run = StageRun.start(
+            "cai_pairs", args.config, args.overrides, args.out or run_dir / "cai_pairs"
+        )
+        cfg = CAIConfig.from_dict(section(run.cfg, "cai") if "cai" in run.cfg else {})
+        constitution = load_constitution(args.constitution)
+        records = load_training_instructions(train_path)
+        if not records:
+            raise ValueError(f"{train_path}: no training instructions")
+        policy_name, adapter_dir = resolve_policy(run_dir, cfg.policy)
+        policy = {
+            "name": policy_name,
+            "adapter": None if adapter_dir is None else str(adapter_dir),
+            "adapter_sha256": None if adapter_dir is None else adapter_hash(adapter_dir),
+        }
+        lm = run.load_model()
+        if adapter_dir is not None:
+            attach_adapter(lm, adapter_dir)
+        summary = run_constitution(
+            lm, records, cfg, constitution, run.out_dir, policy, progress=not args.no_progress
+        )
+    except (
+        ConfigError, JsonlError, ValueError, FileNotFoundError, AdapterMismatchError,
+        ContaminationError,
+    ) as e:  # fmt: skip
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run.finish(
+        inputs={
+            "train": str(train_path),
+            "constitution": str(args.constitution),
+            "constitution_sha256": constitution.sha256,
+            "policy": policy_name,
+            "policy_adapter": policy["adapter"],
+            "policy_adapter_sha256": policy["adapter_sha256"],
+        },
+        cai_config=cfg.to_dict(),
+        **summary,
+    )
+    print_summary(summary, run.out_dir)
+    return 0 if summary["counts"]["pairs_kept"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
