@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -63,6 +64,17 @@ def print_summary(out: Path, s: dict) -> None:
         print(f"  {k:<{w}}  {v}")
 
 
+def _why_no_pairs(pairs_dir: Path) -> str:
+    """The drop counts the stage that wrote the pairs recorded (preference pairs or CAI pairs:
+    both manifests carry ``counts.pairs_dropped``), as ": its stage dropped all: reason n, ..."."""
+    try:
+        dropped = json.loads((pairs_dir / "manifest.json").read_text())["counts"]["pairs_dropped"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    parts = [f"{k} {n}" for k, n in dropped.items() if n]
+    return f": its stage dropped every candidate pair ({', '.join(parts)})" if parts else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         # The pairs stage kept no pair (its critic could not separate candidates): nothing to
         # train on. Say so in the manifest; evaluation reports the dpo arm as skipped.
         out.mkdir(parents=True, exist_ok=True)
-        reason = f"{pairs_path} holds no preference pair above the critic's confidence threshold"
+        reason = f"{pairs_path} holds no preference pair" + _why_no_pairs(pairs_path.parent)
         write_manifest(
             out / "manifest.json", stage="dpo", config={}, status="skipped", reason=reason
         )
