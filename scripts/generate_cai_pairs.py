@@ -36,6 +36,7 @@ from utils.constitution import (  # noqa: E402
     resolve_policy,
     run_constitution,
 )
+from utils.critic import print_summary_table  # noqa: E402
 from utils.jsonl_io import JsonlError  # noqa: E402
 from utils.preference_pairs import load_training_instructions  # noqa: E402
 from utils.run_context import StageRun  # noqa: E402
@@ -60,15 +61,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         ("response / critique / revision / judge s",
          f"{t['response_s']} / {t['critique_s']} / {t['revision_s']} / {t['judge_s']}"),
     ]  # fmt: skip
-    width = max(len(r[0]) for r in rows)
-    print("\nCAI pairs summary")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-    hist = c["soft_label_histogram_kept"]
-    print(
-        "  kept soft labels: "
-        + " ".join(f"{e:.2f}:{n}" for e, n in zip(hist["edges"], hist["counts"], strict=False))
-    )
+    print_summary_table("CAI pairs summary", rows, c["soft_label_histogram_kept"])
     print(f"\nwrote {out_dir / 'pairs.jsonl'}")
 
 

@@ -23,7 +23,7 @@ from utils.clean_model_loader import (  # noqa: E402
     attach_adapter,
 )
 from utils.config import ConfigError, add_config_args, section  # noqa: E402
-from utils.critic import CriticConfig, judge_prompt_id  # noqa: E402
+from utils.critic import CriticConfig, judge_prompt_id, print_summary_table  # noqa: E402
 from utils.jsonl_io import JsonlError  # noqa: E402
 from utils.preference_pairs import (  # noqa: E402
     PairsConfig,
@@ -97,15 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['timings']['generate_s']} / {summary['timings']['judge_s']}",
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    print("\npreference pairs summary")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-    hist = c["soft_label_histogram_kept"]
-    print(
-        "  kept soft labels: "
-        + " ".join(f"{e:.2f}:{n}" for e, n in zip(hist["edges"], hist["counts"], strict=False))
-    )
+    print_summary_table("preference pairs summary", rows, c["soft_label_histogram_kept"])
     print(f"\nwrote {run.out_dir / 'pairs.jsonl'}")
     return 0 if c["pairs_kept"] > 0 else 1
 

@@ -523,6 +523,17 @@ def histogram(values: Sequence[float], lo: float = 0.5, hi: float = 1.0, bins: i
     return {"edges": edges, "counts": counts}
 
 
+def print_summary_table(title: str, rows: Sequence[tuple[str, Any]], hist: dict) -> None:
+    """The pairs stages' end-of-run table: aligned rows, then the kept soft-label histogram
+    (``histogram``'s dict) as "lower edge:count" pairs."""
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{title}")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    pairs = zip(hist["edges"], hist["counts"], strict=False)  # one more edge than counts
+    print("  kept soft labels: " + " ".join(f"{e:.2f}:{n}" for e, n in pairs))
+
+
 # --------------------------------------------------------------------------------------------
 # Model calls.
 
