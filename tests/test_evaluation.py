@@ -106,8 +106,9 @@ def test_arms_run_sequentially_on_one_load_and_missing_adapter_is_skipped(first_
     assert [a["name"] for a in results["arms"]] == ["base", "base_icl", "sft"]
     assert counters.loads == 1  # one base model for all arms, the adapter swapped onto it
     assert len(counters.prompts) == 3 * N
-    (skip,) = results["skipped_arms"]
-    assert skip["name"] == "dpo" and "adapter not found" in skip["reason"]
+    skipped = {s["name"]: s["reason"] for s in results["skipped_arms"]}
+    assert sorted(skipped) == ["cai", "dpo"]  # default arms whose stage left no adapter
+    assert all("adapter not found" in reason for reason in skipped.values())
     for arm in results["arms"]:
         assert arm["n_generated"] == N and arm["n_cached"] == 0
         assert arm["memory"]["peak_rss_mib"] >= arm["memory"]["rss_start_mib"] > 0
@@ -326,8 +327,8 @@ def test_sentinel_suite_runs_once_per_model_state_and_is_cached(
 ):
     calls = []
 
-    def fake_suite(lm, config):
-        calls.append((list(lm.adapters), config))
+    def fake_suite(lm, config, trained_arm=False):
+        calls.append((list(lm.adapters), config, trained_arm))
         return {"verdict": "pass", "n_probes": 2}
 
     module = types.ModuleType("utils.contamination")
@@ -342,6 +343,7 @@ def test_sentinel_suite_runs_once_per_model_state_and_is_cached(
     assert [a["sentinel"]["verdict"] for a in results["arms"]] == ["pass"] * 3
     # base and base_icl share the model state: 2 calls, the second with the adapter attached
     assert [c[0] == [] for c in calls] == [True, False] and calls[0][1] == {"k": 1}
+    assert [c[2] for c in calls] == [False, True]  # the adapter arm is judged as a trained arm
     counters = Counters(monkeypatch)
     run_evaluation(run_dir, cfg, spec, out_dir=tmp_path, log=lambda _m: None)
     assert len(calls) == 2 and counters.loads == 0
