@@ -73,3 +73,30 @@ def gemma():
     from utils.clean_model_loader import CleanModelLoader
 
     return CleanModelLoader().load(embedded_models.DEFAULT_BASE_MODEL)
+
+
+def fresh_copy(lm):
+    """A LoadedModel with its own copy of the weights: attaching an adapter mutates the model,
+    and copying the tiny model is much cheaper than loading it again."""
+    import copy
+    import dataclasses
+
+    return dataclasses.replace(lm, model=copy.deepcopy(lm.model), adapters=[])
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_qwen, tmp_path_factory):
+    """A random (non-identity) LoRA adapter on the tiny model, with its base-model manifest."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from utils.clean_model_loader import write_adapter_manifest
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                     init_lora_weights=False)  # fmt: skip
+    peft_model = get_peft_model(fresh_copy(tiny_qwen).model, cfg)
+    out = tmp_path_factory.mktemp("sft") / "adapter"
+    peft_model.save_pretrained(str(out))
+    write_adapter_manifest(out, tiny_qwen, {"stage": "test"})
+    return out

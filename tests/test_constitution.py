@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import fresh_copy
 from utils.completion_prompts import find_chat_markup
 from utils.constitution import (
     CAI_MARKERS,
@@ -582,12 +583,6 @@ TINY_CFG = CAIConfig(
 BASE_POLICY = {"name": "base", "adapter": None, "adapter_sha256": None}
 
 
-def _fresh_copy(lm):
-    import dataclasses
-
-    return dataclasses.replace(lm, model=copy.deepcopy(lm.model), adapters=[])
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tiny_qwen, tmp_path_factory):
     out = tmp_path_factory.mktemp("cai-tiny")
@@ -733,25 +728,9 @@ def test_tiny_resume_after_kill_has_no_duplicates_and_loses_nothing(tiny_run, ti
                          {"name": "sft", "adapter": "x", "adapter_sha256": "y"}, progress=False)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_qwen, tmp_path_factory):
-    """A random (non-identity) LoRA adapter on the tiny model, with its base-model manifest."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from utils.clean_model_loader import write_adapter_manifest
-
-    torch.manual_seed(0)
-    cfg = LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                     init_lora_weights=False)  # fmt: skip
-    peft_model = get_peft_model(_fresh_copy(tiny_qwen).model, cfg)
-    out = tmp_path_factory.mktemp("sft") / "adapter"
-    peft_model.save_pretrained(str(out))
-    write_adapter_manifest(out, tiny_qwen, {"stage": "test"})
-    return out
-
-
-def test_tiny_sft_policy_answers_and_the_base_model_critiques(tiny_qwen, adapter_dir, tmp_path):
+def test_tiny_sft_policy_answers_and_the_base_model_critiques(
+    tiny_qwen, tiny_adapter_dir, tmp_path
+):
     """The adapter writes the response; critique, revision and judge run on the base weights
     (reproduced exactly on the plain base model from the stored prompts and seeds)."""
     from utils.clean_model_loader import adapter_hash, attach_adapter
@@ -759,11 +738,11 @@ def test_tiny_sft_policy_answers_and_the_base_model_critiques(tiny_qwen, adapter
     from utils.generation import generate
 
     c = load_constitution()
-    lm_sft = attach_adapter(_fresh_copy(tiny_qwen), adapter_dir)
+    lm_sft = attach_adapter(fresh_copy(tiny_qwen), tiny_adapter_dir)
     policy = {
         "name": "sft",
-        "adapter": str(adapter_dir),
-        "adapter_sha256": adapter_hash(adapter_dir),
+        "adapter": str(tiny_adapter_dir),
+        "adapter_sha256": adapter_hash(tiny_adapter_dir),
     }
     cfg = CAIConfig(**{**TINY_CFG.to_dict(), "policy": "sft"})
     run_constitution(lm_sft, RECORDS[:2], cfg, c, tmp_path, policy, progress=False)
@@ -795,7 +774,7 @@ def test_tiny_script_end_to_end(tiny_qwen, tiny_qwen_dir, tmp_path, monkeypatch,
 
     def fake_load(self, name=None):  # the tiny model is already loaded; a copy is enough
         loads.append(name)
-        return _fresh_copy(tiny_qwen)
+        return fresh_copy(tiny_qwen)
 
     monkeypatch.setattr(CleanModelLoader, "load", fake_load)
     run = tmp_path / "run"

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from tests.conftest import fresh_copy
 from utils.critic import (
     PROMPT_VERSION,
     CriticConfig,
@@ -195,38 +196,11 @@ def test_histogram_and_summary_count_every_drop():
 # -- end to end on the tiny model with a tiny adapter -------------------------------------------
 
 
-def _fresh_copy(lm):
-    """A LoadedModel with its own copy of the weights: attaching an adapter mutates the model,
-    and copying the tiny model is much cheaper than loading it again."""
-    import copy
-    import dataclasses
-
-    return dataclasses.replace(lm, model=copy.deepcopy(lm.model), adapters=[])
-
-
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_qwen, tmp_path_factory):
-    """A random (non-identity) LoRA adapter on the tiny model, with its base-model manifest."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from utils.clean_model_loader import write_adapter_manifest
-
-    torch.manual_seed(0)
-    cfg = LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                     init_lora_weights=False)  # fmt: skip
-    peft_model = get_peft_model(_fresh_copy(tiny_qwen).model, cfg)
-    out = tmp_path_factory.mktemp("sft") / "adapter"
-    peft_model.save_pretrained(str(out))
-    write_adapter_manifest(out, tiny_qwen, {"stage": "test"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def lm_sft(tiny_qwen, adapter_dir):
+def lm_sft(tiny_qwen, tiny_adapter_dir):
     from utils.clean_model_loader import attach_adapter
 
-    return attach_adapter(_fresh_copy(tiny_qwen), adapter_dir)
+    return attach_adapter(fresh_copy(tiny_qwen), tiny_adapter_dir)
 
 
 def _record(rid: str, instruction: str, rtype: str, demo: tuple[str, str]) -> dict:
@@ -450,7 +424,7 @@ def test_resume_refuses_to_mix_judges(full_run, lm_sft, tmp_path):
 
 
 def test_script_end_to_end_counts_every_dropped_pair(
-    tiny_qwen, tiny_qwen_dir, adapter_dir, tmp_path, monkeypatch
+    tiny_qwen, tiny_qwen_dir, tiny_adapter_dir, tmp_path, monkeypatch
 ):
     """The CLI on a run directory, with a threshold no pair can meet: nothing is kept, every
     considered pair is counted as dropped, the run says so with exit code 1."""
@@ -463,13 +437,13 @@ def test_script_end_to_end_counts_every_dropped_pair(
 
     def fake_load(self, name=None):  # the tiny model is already loaded; a copy is enough
         loads.append(name)
-        return _fresh_copy(tiny_qwen)
+        return fresh_copy(tiny_qwen)
 
     monkeypatch.setattr(CleanModelLoader, "load", fake_load)
     run = tmp_path / "run"
     (run / "stage1").mkdir(parents=True)
     (run / "stage1" / "train.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
-    shutil.copytree(adapter_dir, run / "sft" / "adapter")
+    shutil.copytree(tiny_adapter_dir, run / "sft" / "adapter")
     cfg = {
         "model": {"name": str(tiny_qwen_dir)},
         "sentinels": {"mode": "off"},
