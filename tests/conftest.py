@@ -100,3 +100,19 @@ def tiny_adapter_dir(tiny_qwen, tmp_path_factory):
     peft_model.save_pretrained(str(out))
     write_adapter_manifest(out, tiny_qwen, {"stage": "test"})
     return out
+
+
+@pytest.fixture
+def tiny_loads(tiny_qwen, monkeypatch) -> list:
+    """Every CleanModelLoader.load in the test returns a fresh copy of the tiny model (it is
+    already loaded; a copy is enough); the list records the names asked for."""
+    from utils.clean_model_loader import CleanModelLoader
+
+    loads: list = []
+
+    def fake_load(self, name=None):
+        loads.append(name)
+        return fresh_copy(tiny_qwen)
+
+    monkeypatch.setattr(CleanModelLoader, "load", fake_load)
+    return loads

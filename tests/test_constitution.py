@@ -766,17 +766,10 @@ def test_tiny_sft_policy_answers_and_the_base_model_critiques(
         run_constitution(tiny_qwen, RECORDS[:1], cfg, c, tmp_path / "x", policy, progress=False)
 
 
-def test_tiny_script_end_to_end(tiny_qwen, tiny_qwen_dir, tmp_path, monkeypatch, capsys):
+def test_tiny_script_end_to_end(tiny_loads, tiny_qwen_dir, tmp_path, monkeypatch, capsys):
     from scripts.generate_cai_pairs import main
-    from utils.clean_model_loader import CleanModelLoader
 
-    loads = []
-
-    def fake_load(self, name=None):  # the tiny model is already loaded; a copy is enough
-        loads.append(name)
-        return fresh_copy(tiny_qwen)
-
-    monkeypatch.setattr(CleanModelLoader, "load", fake_load)
+    loads = tiny_loads
     run = tmp_path / "run"
     (run / "stage1").mkdir(parents=True)
     (run / "stage1" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))

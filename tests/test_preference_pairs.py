@@ -424,22 +424,15 @@ def test_resume_refuses_to_mix_judges(full_run, lm_sft, tmp_path):
 
 
 def test_script_end_to_end_counts_every_dropped_pair(
-    tiny_qwen, tiny_qwen_dir, tiny_adapter_dir, tmp_path, monkeypatch
+    tiny_loads, tiny_qwen_dir, tiny_adapter_dir, tmp_path, monkeypatch
 ):
     """The CLI on a run directory, with a threshold no pair can meet: nothing is kept, every
     considered pair is counted as dropped, the run says so with exit code 1."""
     import yaml
 
     from scripts.generate_preference_pairs import main
-    from utils.clean_model_loader import CleanModelLoader
 
-    loads = []
-
-    def fake_load(self, name=None):  # the tiny model is already loaded; a copy is enough
-        loads.append(name)
-        return fresh_copy(tiny_qwen)
-
-    monkeypatch.setattr(CleanModelLoader, "load", fake_load)
+    loads = tiny_loads
     run = tmp_path / "run"
     (run / "stage1").mkdir(parents=True)
     (run / "stage1" / "train.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
