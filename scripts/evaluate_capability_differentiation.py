@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.config import ConfigError, add_config_args, apply_overrides, load_config  # noqa: E402
+from utils.constraint_library import SplitError, constraints_from_config  # noqa: E402
 from utils.evaluation import (  # noqa: E402
     EvalConfig,
     EvalInputError,
@@ -72,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args.out) if args.out else Path(args.run) / "eval"
     try:
-        results = run_evaluation(args.run, eval_config, model, adapters, out_dir=out_dir)
-    except (EvalInputError, JsonlError, FileNotFoundError) as e:
+        split = constraints_from_config(cfg["constraints"])[0] if cfg.get("constraints") else None
+        results = run_evaluation(
+            args.run, eval_config, model, adapters, out_dir=out_dir,
+            held_out=split.held_out if split else None,
+        )  # fmt: skip
+    except (EvalInputError, JsonlError, FileNotFoundError, SplitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = write_report(results, out_dir)

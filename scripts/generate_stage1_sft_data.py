@@ -14,15 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.config import ConfigError, add_config_args, section  # noqa: E402
+from utils.constraint_library import constraints_from_config  # noqa: E402
 from utils.critic import CriticConfig  # noqa: E402
-from utils.jsonl_io import JsonlError, write_json_atomic  # noqa: E402
+from utils.jsonl_io import (  # noqa: E402
+    JsonlError,
+    read_jsonl,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from utils.run_context import StageRun  # noqa: E402
 from utils.stage1 import Stage1Config, run_stage1  # noqa: E402
+from utils.verified_sampling import constrain_tasks  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         run = StageRun.start("stage1", args.config, args.overrides, args.out)
         cfg = Stage1Config.from_dict(section(run.cfg, "stage1"))
         critic_cfg = CriticConfig.from_dict(run.cfg.get("critic"))
+        split, mix, cseed = constraints_from_config(run.cfg.get("constraints"))
         lm = run.load_model()
         summary = run_stage1(
             lm, cfg, run.out_dir, progress=not args.no_progress, critic_cfg=critic_cfg
@@ -47,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_json_atomic(run.out_dir / "qc.json", {"qc": summary["qc"], "gates": summary["gates"]})
+    # Constraint augmentation (TRAIN types only): the instructions the verified stage samples.
+    constrained, dropped = constrain_tasks(
+        read_jsonl(run.out_dir / "train.jsonl"), split, mix, cseed
+    )
+    write_jsonl_atomic(run.out_dir / "constrained.jsonl", constrained)
+    summary["constraints"] = {
+        "split": split.to_dict(),
+        "mix": list(mix),
+        "constrained_instructions": len(constrained),
+        "dropped": dropped,
+        "n_constraints": dict(Counter(len(r["instruction_ids"]) for r in constrained)),
+    }
     run.finish(**{k: v for k, v in summary.items() if k != "config"})
 
     c, qc = summary["counts"], summary["qc"]

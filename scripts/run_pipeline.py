@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config  # noqa: E402
-from utils.pipeline import STAGES, run_pipeline  # noqa: E402
+from utils.pipeline import STAGES, build_stages, run_pipeline  # noqa: E402
 
 QUICK_CONFIG = REPO_ROOT / "configs" / "quick.yaml"
 
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument(
-        "--only", action="append", choices=[s.name for s in STAGES], help="run only these stages"
+        "--only",
+        action="append",
+        help=f"run only these stages (default recipe: {[s.name for s in STAGES]})",
     )
     ap.add_argument("--skip-preflight", action="store_true")
     args = ap.parse_args(argv)
@@ -60,7 +62,19 @@ def main(argv: list[str] | None = None) -> int:
                 "preflight failed; see the table above (or pass --skip-preflight)", file=sys.stderr
             )
             return 1
-    rows = run_pipeline(run_dir, cfg, config_path, args.overrides, only=args.only)
+    try:
+        stages = build_stages(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.only or ()) - {s.name for s in stages})
+    if unknown:
+        print(
+            f"error: --only {unknown}: this recipe's stages are {[s.name for s in stages]}",
+            file=sys.stderr,
+        )
+        return 2
+    rows = run_pipeline(run_dir, cfg, config_path, args.overrides, stages=stages, only=args.only)
     total = time.perf_counter() - t0
 
     print(f"\n{'stage':<8} {'status':<8} {'seconds':>8}  exit")

@@ -58,12 +58,12 @@ from utils.eval_prompts import (
     type_counts,
 )
 from utils.generation import DecodingConfig, generate
+from utils.icl_selection import candidate_prompt_parts, icl_prompt, select_icl
 from utils.jsonl_io import JsonlAppender, read_jsonl, resume, write_json_atomic
 from utils.provenance import config_hash
 from utils.response_format import (
     RESPONSE_STOP_STRINGS,
     clean_response,
-    format_few_shot_prompt,
     format_prompt,
     marker_leaked,
 )
@@ -72,6 +72,7 @@ BASE_ARMS = ("base", "base_icl")  # arms without an adapter
 # arm -> path inside the run
 RUN_ADAPTER_ARMS = {"sft": "sft/adapter", "dpo": "dpo/adapter", "cai": "cai/adapter"}
 DEFAULT_ARMS = ("base", "base_icl", "sft", "dpo", "cai")
+ROUND_ARM = re.compile(r"^sft_r[1-9][0-9]*$")  # earlier rounds of verified SFT
 ZERO_SHOT, FEW_SHOT = "zero_shot", "few_shot"
 CACHE_SCHEMA = 1  # bump when a cache record's meaning changes, so old caches are not reused
 _ARM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -91,7 +92,10 @@ class EvalConfig:
     n_prompts: int = 320
     seed: int = 1234  # eval-set seed (build_eval_set)
     arms: tuple[str, ...] = DEFAULT_ARMS
-    icl_k: int = 3  # in-context demonstrations for base_icl (URIAL uses 3)
+    icl_k: int = 3  # in-context demonstrations for base_icl when no candidate is selected
+    # base_icl settings tried on a dev split (utils/icl_selection.py); () = icl_k demos as is
+    icl_candidates: tuple[str, ...] = ()
+    icl_dev_prompts: int = 48
     max_new_tokens: int = 64
     batch_size: int = 32
     bootstrap_resamples: int = 10000
@@ -146,12 +150,18 @@ class EvalConfig:
         if "arms" in values:
             arms = values["arms"]
             values["arms"] = tuple(parse_arm_list(arms) if isinstance(arms, str) else arms)
+        if "icl_candidates" in values:
+            values["icl_candidates"] = tuple(values["icl_candidates"] or ())
         if values.get("sentinel") is None:
             values.pop("sentinel", None)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "arms": list(self.arms)}
+        return {
+            **asdict(self),
+            "arms": list(self.arms),
+            "icl_candidates": list(self.icl_candidates),
+        }
 
     def decoding(self) -> DecodingConfig:
         """The ONE decoding policy of every arm: greedy, stop on the next block or EOS."""
@@ -252,6 +262,8 @@ def resolve_arms(
             continue
         elif name in RUN_ADAPTER_ARMS:
             adapter_dir = Path(run_dir) / RUN_ADAPTER_ARMS[name]
+        elif ROUND_ARM.match(name):  # an earlier round's SFT policy: <run>/sft_r<k>/adapter
+            adapter_dir = Path(run_dir) / name / "adapter"
         else:
             raise EvalInputError(
                 f"unknown arm {name!r}: known arms are {list(DEFAULT_ARMS)}; "
@@ -302,16 +314,23 @@ def check_adapter_base(adapter_dir: Path, base_weights_sha256: str) -> None:
         )
 
 
-def arm_prompt(spec: ArmSpec, instruction: str, demos: Sequence[tuple[str, str]]) -> str:
+def arm_prompt(
+    spec: ArmSpec, instruction: str, demos: Sequence[tuple[str, str]], preamble: str = ""
+) -> str:
     """The exact prompt an arm's model sees for one instruction."""
     if spec.prompt_format == FEW_SHOT:
-        return format_few_shot_prompt(demos, instruction)
+        return icl_prompt(preamble, demos, instruction)
     return format_prompt(instruction)
 
 
-def prompt_format_id(spec: ArmSpec, demos: Sequence[tuple[str, str]]) -> dict[str, Any]:
+def prompt_format_id(
+    spec: ArmSpec, demos: Sequence[tuple[str, str]], preamble: str = ""
+) -> dict[str, Any]:
     if spec.prompt_format == FEW_SHOT:
-        return {"format": FEW_SHOT, "k": len(demos), "demos_sha256": config_hash(list(demos))}
+        out = {"format": FEW_SHOT, "k": len(demos), "demos_sha256": config_hash(list(demos))}
+        if preamble:  # absent when empty, so caches made before preambles existed stay valid
+            out["preamble_sha256"] = config_hash(preamble)
+        return out
     return {"format": ZERO_SHOT}
 
 
@@ -806,6 +825,34 @@ def compute_statistics(
     }
 
 
+def prompt_split(record: Mapping[str, Any], held_out: Sequence[str]) -> str:
+    """'held_out' when any constraint of the prompt is of a held-out type, else 'seen'."""
+    return "held_out" if any(t in held_out for t in record["instruction_ids"]) else "seen"
+
+
+def split_statistics(
+    records: Sequence[Mapping[str, Any]],
+    scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    config: EvalConfig,
+    held_out: Sequence[str] | None,
+) -> dict[str, Any]:
+    """``compute_statistics`` on the seen-type and the held-out-type prompts separately (each
+    with its own Holm family), plus the type lists; {} when no split is declared."""
+    if held_out is None:
+        return {}
+    out: dict[str, Any] = {"held_out_types": sorted(held_out)}
+    for name in ("seen", "held_out"):
+        part = [r for r in records if prompt_split(r, held_out) == name]
+        st = compute_statistics(part, scores, list(scores), config) if part else {}
+        out[name] = {
+            "n_prompts": len(part),
+            "summaries": st.get("summaries", {}),
+            "comparisons": st.get("comparisons", []),
+            "verdicts": st.get("verdicts", []),
+        }
+    return out
+
+
 # --------------------------------------------------------------------------------- leakage
 
 
@@ -901,19 +948,20 @@ class _ArmContext:
     pset_sha: str
     cache_dir: Path
     log: Callable[[str], None]
+    preamble: str = ""
 
 
 def _evaluate_arm(spec: ArmSpec, ctx: _ArmContext) -> tuple[dict[str, Any], dict[str, dict]]:
     """(arm info, id -> generation) for one arm: cache first, the model only for what is
     missing (generations, sentinel verdict), peak RSS measured over the arm."""
     config, records = ctx.config, ctx.records
-    prompts = {r["id"]: arm_prompt(spec, r["prompt"], ctx.demos) for r in records}
+    prompts = {r["id"]: arm_prompt(spec, r["prompt"], ctx.demos, ctx.preamble) for r in records}
     key_fields = cache_key_fields(
         weights_sha256=ctx.base_sha,
         adapter_sha256=adapter_hash(spec.adapter_dir) if spec.adapter_dir else None,
         prompt_set_sha256=ctx.pset_sha,
         decoding=ctx.decoding,
-        prompt_format=prompt_format_id(spec, ctx.demos),
+        prompt_format=prompt_format_id(spec, ctx.demos, ctx.preamble),
         load_options=ctx.model.load_options(),
     )
     key = cache_key(key_fields)
@@ -1023,9 +1071,14 @@ def run_evaluation(
     adapters: Mapping[str, Path] | None = None,
     out_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    held_out: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every arm sequentially (cached, resumable) and return the results dict that
-    utils/report.py renders. Raises EvalInputError on bad input before any generation."""
+    utils/report.py renders. Raises EvalInputError on bad input before any generation.
+
+    ``held_out``: the constraint types never trained on (config ``constraints.held_out``); each
+    prompt is then tagged ``seen`` or ``held_out`` (held out when any of its types is) and
+    every statistic is also reported on each part."""
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -1040,12 +1093,18 @@ def run_evaluation(
     leaked = set(leakage["ids"]) if config.exclude_leaked else set()
     headline = [r for r in records if r["id"] not in leaked]
     session = ModelSession(model, log=log)
+    icl_choice = None
+    demos, preamble = icl_examples()[: config.icl_k], ""
+    if config.icl_candidates and "base_icl" in [s.name for s in specs]:
+        icl_choice = choose_icl(session, config, out_dir / "cache", log)
+        preamble, demos = candidate_prompt_parts(icl_choice["chosen"])
     ctx = _ArmContext(
         config=config,
         model=model,
         session=session,
         records=records,
-        demos=icl_examples()[: config.icl_k],
+        demos=demos,
+        preamble=preamble,
         decoding=config.decoding(),
         base_sha=session.weights_sha256(),
         pset_sha=prompt_set_hash(records),
@@ -1071,6 +1130,7 @@ def run_evaluation(
 
     scores = {arm: score_arm(records, gens) for arm, gens in generations.items()}
     statistics = compute_statistics(headline, scores, list(scores), config) if scores else {}
+    subsets = split_statistics(headline, scores, config, held_out) if scores else {}
     for info in arm_results:
         arm_scores = scores[info["name"]]
         info["summary"] = statistics.get("summaries", {}).get(info["name"])
@@ -1092,8 +1152,10 @@ def run_evaluation(
         "decoding": {
             **ctx.decoding.to_dict(),
             "eos": "model EOS / stop_token_ids (always a stop)",
-            "icl_k": config.icl_k,
+            "icl_k": len(ctx.demos),
             "icl_instructions": [d[0] for d in ctx.demos],
+            "icl_preamble": ctx.preamble,
+            "icl_selection": icl_choice,
         },
         "prompt_set": {
             "n": len(records),
@@ -1113,6 +1175,7 @@ def run_evaluation(
         "mde": statistics.get("mde"),
         "per_type": statistics.get("per_type", []),
         "verdicts": statistics.get("verdicts", []),
+        "splits": subsets,
         "samples": _samples(records, headline, scores, config.n_samples, config.seed),
         "scores": {
             arm: {
@@ -1123,6 +1186,36 @@ def run_evaluation(
         },
         "timing": {"total_s": time.perf_counter() - t_start, "model_load_s": load_s},
     }
+
+
+def choose_icl(
+    session: ModelSession, config: EvalConfig, cache_dir: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The dev-chosen base_icl setting (utils/icl_selection.py), cached per base weights,
+    candidates, dev size and decoding: a rerun does not load the model for it."""
+    key = config_hash({"weights": session.weights_sha256(), "candidates": list(config.icl_candidates),
+                       "n_dev": config.icl_dev_prompts, "seed": config.seed,
+                       "decoding": config.decoding().to_dict(), "schema": 1})[:24]  # fmt: skip
+    path = cache_dir / f"icl-selection-{key}.json"
+    if path.exists():
+        choice = json.loads(path.read_text())
+    else:
+        lm = session.load()
+        decoding = config.decoding()
+
+        def texts(prompts: list[str]) -> list[str]:
+            return [g.text for g in generate(lm, prompts, decoding, progress=config.progress,
+                                             desc="icl dev")]  # fmt: skip
+
+        t0 = time.perf_counter()
+        choice = select_icl(texts, config.icl_candidates, config.icl_dev_prompts, config.seed + 1)
+        choice["seconds"] = round(time.perf_counter() - t0, 1)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, choice)
+    log(
+        f"base_icl: dev-chosen setting {choice['chosen']} (dev prompt strict {choice['dev_accuracy']})"
+    )
+    return choice
 
 
 # ------------------------------------------------------------------- memory benchmark

@@ -43,78 +43,138 @@ class Stage:
     repo_inputs: tuple[str, ...] = ()  # files of the repository it reads (relative to its root)
 
 
-STAGES: tuple[Stage, ...] = (
-    Stage(
-        "stage1",
-        "scripts/generate_stage1_sft_data.py",
-        sections=("model", "stage1", "critic"),  # the critic filters instructions
-        inputs=(),
-        args=lambda run: ["--out", str(run / "stage1")],
-    ),
-    Stage(
-        "sft",
-        "scripts/train_stage1_sft.py",
-        sections=("model", "sft"),
-        inputs=("stage1/train.jsonl",),
-        args=lambda run: ["--run-dir", str(run)],
-    ),
-    Stage(
-        "pairs",
-        "scripts/generate_preference_pairs.py",
-        sections=("model", "pairs", "critic"),
-        inputs=("stage1/train.jsonl", "sft/adapter/adapter_model.safetensors"),
-        args=lambda run: ["--run", str(run)],
-        # Exit 1 = no pair passed the critic's confidence threshold (a weak critic, e.g. the
-        # 270M model at chance). The run goes on: DPO records "skipped" and the report says why.
-        ok_exit_codes=(0, 1),
-    ),
-    Stage(
-        "dpo",
-        "scripts/train_stage1_dpo.py",
-        sections=("model", "dpo"),
-        inputs=("pairs/pairs.jsonl", "sft/adapter/adapter_model.safetensors"),
-        args=lambda run: ["--run-dir", str(run)],
-    ),
-    Stage(
-        "cai_pairs",
-        "scripts/generate_cai_pairs.py",
-        sections=("model", "cai"),
-        inputs=(
-            "stage1/train.jsonl",
-            "sft/adapter/adapter_model.safetensors",
-            "dpo/adapter/adapter_model.safetensors",
+def sft_stage_name(round_index: int, rounds: int) -> str:
+    """The final round's SFT is ``sft`` (what pairs, DPO and the evaluation build on); earlier
+    rounds are ``sft_r<r>`` (evaluated as arms of their own: accuracy per round)."""
+    return "sft" if round_index == rounds else f"sft_r{round_index}"
+
+
+def _verified_args(r: int, rounds: int) -> Callable[[Path], list[str]]:
+    def args(run: Path) -> list[str]:
+        out = ["--run", str(run), "--round", str(r)]
+        if r > 1:
+            prev = sft_stage_name(r - 1, rounds)
+            out += ["--policy", str(run / prev / "adapter"),
+                    "--previous", str(run / f"verified_r{r - 1}" / "sft_data.jsonl")]  # fmt: skip
+        return out
+
+    return args
+
+
+def _sft_args(r: int, rounds: int) -> Callable[[Path], list[str]]:
+    def args(run: Path) -> list[str]:
+        return ["--run-dir", str(run), "--data", str(run / f"verified_r{r}" / "sft_data.jsonl"),
+                "--out", str(run / sft_stage_name(r, rounds))]  # fmt: skip
+
+    return args
+
+
+def _pairs_args(rounds: int) -> Callable[[Path], list[str]]:
+    def args(run: Path) -> list[str]:
+        return ["--run", str(run), "--round", str(rounds + 1),
+                "--policy", str(run / "sft" / "adapter"), "--out", str(run / "pairs")]  # fmt: skip
+
+    return args
+
+
+VERIFIED_SECTIONS = ("model", "verified", "critic", "constraints")
+
+
+def round_stages(rounds: int) -> list[Stage]:
+    """Expert iteration: verified_r1 (base, few-shot) -> SFT -> verified_r2 (that policy) -> SFT
+    (from the base weights again) ... The final SFT is ``sft``."""
+    out: list[Stage] = []
+    for r in range(1, rounds + 1):
+        inputs = ["stage1/constrained.jsonl"]
+        if r > 1:
+            inputs += [f"{sft_stage_name(r - 1, rounds)}/adapter/adapter_model.safetensors",
+                       f"verified_r{r - 1}/sft_data.jsonl"]  # fmt: skip
+        out.append(Stage(f"verified_r{r}", "scripts/sample_verified.py", sections=VERIFIED_SECTIONS,
+                         inputs=tuple(inputs), args=_verified_args(r, rounds)))  # fmt: skip
+        out.append(Stage(sft_stage_name(r, rounds), "scripts/train_stage1_sft.py",
+                         sections=("model", "sft"), inputs=(f"verified_r{r}/sft_data.jsonl",),
+                         args=_sft_args(r, rounds)))  # fmt: skip
+    return out
+
+
+def build_stages(cfg: dict[str, Any]) -> tuple[Stage, ...]:
+    """The pipeline for this config: stage 1, ``verified.rounds`` rounds of verified sampling
+    and SFT, checker-labelled pairs from the final policy, DPO, the constitutional stages and
+    the evaluation."""
+    rounds = int((cfg.get("verified") or {}).get("rounds", 1))
+    if rounds < 1:
+        raise ValueError(f"verified.rounds must be >= 1, got {rounds}")
+    earlier_sft = [f"{sft_stage_name(r, rounds)}/adapter/adapter_model.safetensors"
+                   for r in range(1, rounds)]  # fmt: skip
+    return (
+        Stage(
+            "stage1",
+            "scripts/generate_stage1_sft_data.py",
+            # the critic filters instructions; constraints augments them
+            sections=("model", "stage1", "critic", "constraints"),
+            inputs=(),
+            args=lambda run: ["--out", str(run / "stage1")],
         ),
-        args=lambda run: ["--run", str(run)],
-        repo_inputs=("configs/constitution.yaml",),
-        # Exit 1 = no CAI pair kept (labels within cai.label_margin of 0.5): the CAI DPO stage
-        # records "skipped" and the report lists the cai arm as skipped, with the reason.
-        ok_exit_codes=(0, 1),
-    ),
-    Stage(
-        "cai",
-        "scripts/train_stage1_dpo.py",
-        sections=("model", "dpo"),
-        inputs=(
-            "cai_pairs/pairs.jsonl",
-            "sft/adapter/adapter_model.safetensors",
-            "dpo/adapter/adapter_model.safetensors",
+        *round_stages(rounds),
+        Stage(
+            "pairs",
+            "scripts/sample_verified.py",
+            sections=VERIFIED_SECTIONS,
+            inputs=("stage1/constrained.jsonl", "sft/adapter/adapter_model.safetensors"),
+            args=_pairs_args(rounds),
         ),
-        # --pairs <run>/cai_pairs/pairs.jsonl --sft-adapter <the policy the pairs came from>
-        args=cai_dpo_args,
-    ),
-    Stage(
-        "eval",
-        "scripts/evaluate_capability_differentiation.py",
-        sections=("model", "eval", "sentinels"),  # the report carries each arm's verdict
-        inputs=(
-            "stage1/train.jsonl",
-            "sft/adapter/adapter_model.safetensors",
-            "dpo/adapter/adapter_model.safetensors",
-            "cai/adapter/adapter_model.safetensors",
+        Stage(
+            "dpo",
+            "scripts/train_stage1_dpo.py",
+            sections=("model", "dpo"),
+            inputs=("pairs/pairs.jsonl", "sft/adapter/adapter_model.safetensors"),
+            args=lambda run: ["--run-dir", str(run)],
         ),
-        args=lambda run: ["--run", str(run)],
-    ),
-)
+        Stage(
+            "cai_pairs",
+            "scripts/generate_cai_pairs.py",
+            sections=("model", "cai"),
+            inputs=(
+                "stage1/train.jsonl",
+                "sft/adapter/adapter_model.safetensors",
+                "dpo/adapter/adapter_model.safetensors",
+            ),
+            args=lambda run: ["--run", str(run)],
+            repo_inputs=("configs/constitution.yaml",),
+            # Exit 1 = no CAI pair kept (labels within cai.label_margin of 0.5): the CAI DPO
+            # stage records "skipped" and the report lists the cai arm as skipped, with the reason.
+            ok_exit_codes=(0, 1),
+        ),
+        Stage(
+            "cai",
+            "scripts/train_stage1_dpo.py",
+            sections=("model", "dpo"),
+            inputs=(
+                "cai_pairs/pairs.jsonl",
+                "sft/adapter/adapter_model.safetensors",
+                "dpo/adapter/adapter_model.safetensors",
+            ),
+            # --pairs <run>/cai_pairs/pairs.jsonl --sft-adapter <the policy the pairs came from>
+            args=cai_dpo_args,
+        ),
+        Stage(
+            "eval",
+            "scripts/evaluate_capability_differentiation.py",
+            sections=("model", "eval", "sentinels", "constraints"),  # verdicts; seen/held-out tags
+            inputs=(
+                "stage1/train.jsonl",
+                *earlier_sft,
+                "sft/adapter/adapter_model.safetensors",
+                "dpo/adapter/adapter_model.safetensors",
+                "cai/adapter/adapter_model.safetensors",
+            ),
+            args=lambda run: ["--run", str(run)],
+        ),
+    )
+
+
+# The default recipe's stages (configs/cpu_default.yaml); run_pipeline takes build_stages(cfg).
+STAGES: tuple[Stage, ...] = build_stages({"verified": {"rounds": 2}})
 
 
 def file_digest(path: Path) -> str | None:

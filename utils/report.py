@@ -166,6 +166,67 @@ def _comparisons_table(results: Mapping[str, Any]) -> str:
     return md_table(header, rows)
 
 
+SPLIT_NAMES = {"seen": "seen types", "held_out": "held-out types"}
+
+
+def _split_table(results: Mapping[str, Any]) -> str:
+    """Per arm: prompt-level strict [Wilson CI] on all headline prompts, seen and held-out."""
+    splits = results["splits"]
+    rows = []
+    for a in results["arms"]:
+        name = a["name"]
+        row = [name, pct_ci((a.get("summary") or {}).get("prompt_strict"))]
+        for part in SPLIT_NAMES:
+            row.append(pct_ci(splits[part]["summaries"].get(name, {}).get("prompt_strict")))
+        rows.append(row)
+    header = [
+        "arm",
+        f"all (n={results['headline']['n_prompts']})",
+        f"seen types (n={splits['seen']['n_prompts']})",
+        f"held-out types (n={splits['held_out']['n_prompts']})",
+    ]
+    return md_table(header, rows)
+
+
+def _split_comparisons_table(results: Mapping[str, Any], part: str) -> str:
+    """Comparisons against the baselines (base, base_icl) on one part, Holm within the part."""
+    rows = [
+        [
+            c["arm_a"], c["arm_b"], pct(c["accuracy_a"]), pct(c["accuracy_b"]),
+            f"{fmt_points(c['diff'])} [{100 * c['diff_ci_low']:+.1f}, {100 * c['diff_ci_high']:+.1f}]",
+            c["n_a_only"], c["n_b_only"], fmt_p(c["p_value"]), fmt_p(c["p_value_holm"]),
+        ]
+        for c in results["splits"][part]["comparisons"]
+        if c["arm_a"] in ("base", "base_icl")
+    ]  # fmt: skip
+    header = ["A", "B", "acc A", "acc B", "B - A [95% CI]", "A only", "B only", "p exact", "p Holm"]
+    return md_table(header, rows)
+
+
+def split_lines(results: Mapping[str, Any]) -> list[str]:
+    splits = results.get("splits") or {}
+    if not splits:
+        return ["No constraint split declared (config `constraints`): no seen/held-out report."]
+    out = [
+        "Training instructions carry constraints of TRAIN types only; the held-out types "
+        f"({', '.join(f'`{t}`' for t in splits['held_out_types'])}) never reach any training "
+        "record. A prompt is held out when any of its constraints is of a held-out type. "
+        "Prompt-level strict, Wilson 95% CIs; each part's comparisons are Holm-corrected "
+        "across all pairs of arms within that part (only the rows against base and base_icl "
+        "are shown).",
+        "",
+        _split_table(results),
+    ]
+    for part, title in SPLIT_NAMES.items():
+        out += [
+            "",
+            f"#### Against the baselines, {title}",
+            "",
+            _split_comparisons_table(results, part),
+        ]
+    return out
+
+
 def _per_type_table(results: Mapping[str, Any]) -> str:
     per_type = results["per_type"]
     arms = [a["name"] for a in results["arms"]]
@@ -339,6 +400,7 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None 
         ]
     else:
         out.append("Fewer than two arms were evaluated: no comparison.")
+    out += ["", "## Seen vs held-out constraint types", "", *split_lines(results)]
     out += ["", "## Per instruction type", ""]
     if results["per_type"]:
         out += [
@@ -475,6 +537,13 @@ def summary_table(results: Mapping[str, Any]) -> str:
         )
     for s in results.get("skipped_arms", []):
         lines.append(f"{s['name']:<14} SKIPPED: {s['reason']}")
+    splits = results.get("splits") or {}
+    if splits:
+        lines.append(f"{'arm':<14} {'seen types [95% CI]':>26} {'held-out types [95% CI]':>26}")
+        for a in results["arms"]:
+            seen = splits["seen"]["summaries"].get(a["name"], {}).get("prompt_strict")
+            held = splits["held_out"]["summaries"].get(a["name"], {}).get("prompt_strict")
+            lines.append(f"{a['name']:<14} {pct_ci(seen):>26} {pct_ci(held):>26}")
     for c in results.get("comparisons", []):
         lines.append(
             f"  {c['arm_b']} - {c['arm_a']}: {fmt_points(c['diff'])} "
