@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     run_dir = Path(args.run)
-    train_path = run_dir / "stage1" / "train.jsonl"
+    # The constrained instructions: format-stating tasks (which could carry a held-out type) are
+    # already dropped there; a run made before constraint augmentation falls back to train.jsonl.
+    train_path = run_dir / "stage1" / "constrained.jsonl"
+    if not train_path.exists():
+        train_path = run_dir / "stage1" / "train.jsonl"
     adapter_dir = None
     try:
         run = StageRun.start(

@@ -79,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("train records", c["train_records"]),
         ("held-out test instructions", c["test_instructions"]),
-        ("near-duplicate rate", f"{qc['near_duplicate_rate']:.3f}"),
-        ("marker leakage rate", f"{qc['marker_leakage_rate']:.3f}"),
-        ("limit-hit rate (unfiltered)", f"{qc['unfiltered_responses']['limit_hit_rate']:.3f}"),
-        ("median response tokens", qc["median_response_tokens"]),
+        ("constrained instructions", summary["constraints"]["constrained_instructions"]),
         ("wall time (s)", summary["timings_s"].get("total_s")),
     ]
+    if "near_duplicate_rate" in qc:  # response QC (stage1.responses: true)
+        rows += [
+            ("near-duplicate rate", f"{qc['near_duplicate_rate']:.3f}"),
+            ("marker leakage rate", f"{qc['marker_leakage_rate']:.3f}"),
+            ("limit-hit rate (unfiltered)", f"{qc['unfiltered_responses']['limit_hit_rate']:.3f}"),
+            ("median response tokens", qc["median_response_tokens"]),
+        ]
     for k, v in rows:
         print(f"  {k:<34} {v}")
     print("  instruction rejections:", json.dumps(c["instruction_rejections"]))

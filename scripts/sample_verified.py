@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         critic_config=critic.to_dict(),
         constraint_split=split.to_dict(),
         demos=len(demos),
+        counts={
+            "kept": stats["kept"],
+            "pairs_kept": stats["pairs"],
+            "pairs_dropped": stats["pairs_dropped"],
+        },  # fmt: skip
         **summary,
     )
     rows = [

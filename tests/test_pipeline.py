@@ -104,7 +104,22 @@ def test_a_failed_stage_stops_the_pipeline_and_is_resumed_next_time(tmp_path):
 
 def test_real_stage_list_is_ordered_and_wired():
     names = [s.name for s in STAGES]
-    assert names == ["stage1", "sft", "pairs", "dpo", "cai_pairs", "cai", "eval"]
+    assert names == ["stage1", "verified_r1", "sft_r1", "verified_r2", "sft", "pairs", "dpo",
+                     "cai_pairs", "cai", "eval"]  # fmt: skip
+    from utils.pipeline import build_stages
+
+    one = [s.name for s in build_stages({"verified": {"rounds": 1}})]
+    assert one[:4] == ["stage1", "verified_r1", "sft", "pairs"]
+    three = build_stages({"verified": {"rounds": 3}})
+    r3 = next(s for s in three if s.name == "verified_r3")
+    args = r3.args(Path("runs/x"))  # round 3 samples with round 2's policy, accumulates round 2
+    assert args[args.index("--policy") + 1] == str(Path("runs/x/sft_r2/adapter"))
+    assert args[args.index("--previous") + 1] == str(Path("runs/x/verified_r2/sft_data.jsonl"))
+    stale = build_stages({"verified": {"rounds": 2, "pairs_from": "last_round"}})
+    assert "pairs" not in [s.name for s in stale]  # DPO reads the last round's pairs instead
+    dpo = next(s for s in stale if s.name == "dpo")
+    assert dpo.inputs[0] == "verified_r2/pairs.jsonl"
+    assert dpo.args(Path("runs/x"))[-1] == str(Path("runs/x/verified_r2/pairs.jsonl"))
     repo = Path(__file__).resolve().parent.parent
     for s in STAGES:
         assert (repo / s.script).exists(), s.script

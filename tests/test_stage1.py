@@ -62,7 +62,7 @@ TINY = [
     "--set", "stage1.n_train=4", "--set", "stage1.n_test=2", "--set", "stage1.prompts_per_round=4",
     "--set", "stage1.batch_size=4", "--set", "stage1.use_critic=false", "--set", "sentinels.mode=off",
     "--set", "stage1.gates.min_records=1", "--set", "stage1.instruction_max_new_tokens=64",
-    "--set", "stage1.response_max_new_tokens=40", "--no-progress",
+    "--set", "stage1.response_max_new_tokens=40", "--set", "stage1.responses=true", "--no-progress",
 ]  # fmt: skip
 
 

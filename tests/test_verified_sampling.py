@@ -277,3 +277,28 @@ def test_killed_sampling_resumes_without_duplicates_and_matches_an_uninterrupted
     for name in ("train.jsonl", "pairs.jsonl", "sft_data.jsonl"):
         for r in read_jsonl(out / name):
             assert training_record_problems(r, SPLIT) == [], (name, r["id"])
+
+
+@pytest.mark.slow
+def test_real_relevance_filter_rejects_checker_passing_off_topic_answers(gemma):
+    """On the embedded base model: answers that satisfy "reply using only lowercase letters"
+    but ignore the task fall below the configured relevance threshold; on-topic ones pass."""
+    from utils.critic import CriticConfig, pmi_scores
+
+    cfg = load_config()
+    critic = CriticConfig.from_dict(cfg["critic"])
+    threshold = VerifiedConfig.from_dict(cfg["verified"]).relevance_threshold
+    cases = [
+        ("Describe a lighthouse.", "a lighthouse is a tall tower by the sea with a bright lamp "
+         "that warns ships away from rocks at night.", True),
+        ("Describe a lighthouse.", "ok.", False),
+        ("Describe a lighthouse.", "i like to eat pasta with cheese on sundays.", False),
+        ("Explain how bread is baked.", "you mix flour, water, salt and yeast, let the dough "
+         "rise, shape it and bake it in a hot oven.", True),
+        ("Explain how bread is baked.", "yes.", False),
+        ("Explain how bread is baked.", "the football match ended in a draw last night.", False),
+    ]  # fmt: skip
+    scores = pmi_scores(gemma, [(t, r) for t, r, _ in cases], critic)
+    for (task, response, on_topic), s in zip(cases, scores, strict=True):
+        assert vc.check_english_lowercase(response)
+        assert (s["pmi_nats_per_token"] >= threshold) == on_topic, (task, response, s)

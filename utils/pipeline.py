@@ -101,9 +101,21 @@ def build_stages(cfg: dict[str, Any]) -> tuple[Stage, ...]:
     """The pipeline for this config: stage 1, ``verified.rounds`` rounds of verified sampling
     and SFT, checker-labelled pairs from the final policy, DPO, the constitutional stages and
     the evaluation."""
-    rounds = int((cfg.get("verified") or {}).get("rounds", 1))
-    if rounds < 1:
-        raise ValueError(f"verified.rounds must be >= 1, got {rounds}")
+    verified = cfg.get("verified") or {}
+    rounds = verified.get("rounds", 1)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"verified.rounds must be an integer >= 1, got {rounds!r}")
+    on_policy = verified.get("pairs_from", "final_policy") == "final_policy"
+    pairs_file = "pairs/pairs.jsonl" if on_policy else f"verified_r{rounds}/pairs.jsonl"
+    pairs_stage = (
+        Stage(
+            "pairs",
+            "scripts/sample_verified.py",
+            sections=VERIFIED_SECTIONS,
+            inputs=("stage1/constrained.jsonl", "sft/adapter/adapter_model.safetensors"),
+            args=_pairs_args(rounds),
+        ),
+    ) if on_policy else ()  # fmt: skip
     earlier_sft = [f"{sft_stage_name(r, rounds)}/adapter/adapter_model.safetensors"
                    for r in range(1, rounds)]  # fmt: skip
     return (
@@ -116,26 +128,20 @@ def build_stages(cfg: dict[str, Any]) -> tuple[Stage, ...]:
             args=lambda run: ["--out", str(run / "stage1")],
         ),
         *round_stages(rounds),
-        Stage(
-            "pairs",
-            "scripts/sample_verified.py",
-            sections=VERIFIED_SECTIONS,
-            inputs=("stage1/constrained.jsonl", "sft/adapter/adapter_model.safetensors"),
-            args=_pairs_args(rounds),
-        ),
+        *pairs_stage,
         Stage(
             "dpo",
             "scripts/train_stage1_dpo.py",
             sections=("model", "dpo"),
-            inputs=("pairs/pairs.jsonl", "sft/adapter/adapter_model.safetensors"),
-            args=lambda run: ["--run-dir", str(run)],
+            inputs=(pairs_file, "sft/adapter/adapter_model.safetensors"),
+            args=lambda run: ["--run-dir", str(run), "--pairs", str(run / pairs_file)],
         ),
         Stage(
             "cai_pairs",
             "scripts/generate_cai_pairs.py",
             sections=("model", "cai"),
             inputs=(
-                "stage1/train.jsonl",
+                "stage1/constrained.jsonl",
                 "sft/adapter/adapter_model.safetensors",
                 "dpo/adapter/adapter_model.safetensors",
             ),

@@ -61,6 +61,9 @@ class Stage1Config:
     batch_size: int = 32
     dedup_threshold: float = 0.7
     use_critic: bool = True  # thresholds live in the config's `critic` section
+    # False: train.jsonl holds the instructions only; the verified stage samples and checks
+    # the responses (utils/verified_sampling.py), so few-shot responses here would be unused.
+    responses: bool = True
     seeds_path: str | None = None
     examples_path: str | None = None
     gates: dict[str, Any] = field(
@@ -470,8 +473,21 @@ def run_stage1(
         else []
     )
     train_ins, test = gen.split(instructions)
-    records = gen.generate_responses(train_ins)
-    qc, report = gen.qc(records, len(instructions) + len(rejected_ins), len(instructions))
+    if cfg.responses:
+        records = gen.generate_responses(train_ins)
+        qc, report = gen.qc(records, len(instructions) + len(rejected_ins), len(instructions))
+        gates, passed, gate_text = report.to_dict(), report.passed, format_gate_report(report)
+    else:
+        records = [{"id": r["id"], "instruction": r["instruction"], "type": r["type"]}
+                   for r in train_ins]  # fmt: skip
+        write_jsonl_atomic(gen.out / "train.jsonl", records)
+        need = int(cfg.gates.get("min_records", 1))
+        passed = len(records) >= need
+        qc = {"responses": "not generated (stage1.responses: false)", "n": len(records),
+              "type_counts": dict(sorted(_count(r["type"] for r in records).items()))}  # fmt: skip
+        gates = {"min_records": {"value": len(records), "required": need, "passed": passed}}
+        gate_text = (f"instruction gate {'PASSED' if passed else 'FAILED'}: {len(records)} training "
+                     f"instructions (>= {need}); response gates off (stage1.responses: false)")  # fmt: skip
     gen.timings["total_s"] = time.perf_counter() - t0
     return {
         "counts": {
@@ -483,9 +499,9 @@ def run_stage1(
             "test_instructions": len(test),
         },
         "qc": qc,
-        "gates": report.to_dict(),
-        "gates_passed": report.passed,
-        "gate_report_text": format_gate_report(report),
+        "gates": gates,
+        "gates_passed": passed,
+        "gate_report_text": gate_text,
         "timings_s": {k: round(v, 1) for k, v in gen.timings.items()},
         "resumed": gen.resumed,
         "config": asdict(cfg),

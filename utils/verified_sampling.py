@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from utils.clean_model_loader import LoadedModel
 
 POLICY_BASE = "base_fewshot"
+PAIRS_FROM = ("final_policy", "last_round")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class VerifiedConfig:
     relevance_threshold: float = 0.0  # pmi nats/token of the bare task; check-set dev split
     near_identical_ratio: float = 0.95  # difflib ratio at or above which a pair is dropped
     exclude_truncated: bool = True
+    # DPO pairs: "final_policy" = one more sampling pass with the final SFT adapter (on-policy);
+    # "last_round" = the pairs of the last round's samples (one pass cheaper, one round stale)
+    pairs_from: str = "final_policy"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,6 +104,10 @@ class VerifiedConfig:
         if not isinstance(self.relevance_threshold, (int, float)):
             raise ValueError(
                 f"verified.relevance_threshold must be a number, got {self.relevance_threshold!r}"
+            )
+        if self.pairs_from not in PAIRS_FROM:
+            raise ValueError(
+                f"verified.pairs_from must be one of {PAIRS_FROM}, got {self.pairs_from!r}"
             )
         if not 0 < self.near_identical_ratio <= 1:
             raise ValueError(
