@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             attach_adapter(lm, Path(policy))
         summary = run_verified_sampling(
             lm, records, cfg, critic, run.out_dir, policy, args.round, demos,
-            previous_sft_data=previous, progress=not args.no_progress,
+            previous_sft_data=previous, progress=not args.no_progress, split=split,
         )  # fmt: skip
     except (ConfigError, JsonlError, ValueError, FileNotFoundError, AdapterMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)

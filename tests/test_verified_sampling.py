@@ -302,3 +302,30 @@ def test_real_relevance_filter_rejects_checker_passing_off_topic_answers(gemma):
     for (task, response, on_topic), s in zip(cases, scores, strict=True):
         assert vc.check_english_lowercase(response)
         assert (s["pmi_nats_per_token"] >= threshold) == on_topic, (task, response, s)
+
+
+def test_hindsight_records_state_a_train_rule_the_sample_already_follows():
+    from utils.verified_sampling import hindsight_records
+
+    texts = [
+        "A harbour is a sheltered place.",
+        "a harbour is a calm stretch of water where boats rest, protected from the waves.",
+        "Boats sail in and out of the harbour every morning before sunrise.",
+        "ok",  # not relevant: never relabelled
+    ]
+    cands = [{"index": i, "text": t, "relevant": i < 3, "relevance": 1.0 - i / 10, "prompt": "p"}
+             for i, t in enumerate(texts)]  # fmt: skip
+    rec = {"id": "x", "task": "Describe a harbour.", "round": 1, "type": "t", "kept_index": 0,
+           "candidates": cands}  # fmt: skip
+    out = hindsight_records(rec, SPLIT, 5, 0)
+    assert [h["response"] for h in out] == texts[1:3]  # the kept one and the irrelevant one: no
+    for h in out:
+        (t,) = h["instruction_ids"]
+        assert t in SPLIT.train and h["source"] == "hindsight"
+        assert vc.evaluate_strict(h["instruction_ids"], h["kwargs"], h["response"]) == [True]
+        assert h["instruction"].startswith("Describe a harbour. ")
+        assert training_record_problems(h, SPLIT) == []
+        for v in h["kwargs"][0].values():
+            assert not (set(v if isinstance(v, list) else [v]) & set(vc.KEYWORDS + vc.END_PHRASES))
+    assert hindsight_records(rec, SPLIT, 0, 0) == []
+    assert hindsight_records(rec, SPLIT, 5, 0) == out  # seeded

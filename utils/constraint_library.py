@@ -26,6 +26,9 @@ from utils.verifiable_checks import (
     CONFLICTS,
     EXCLUSIVE_TYPES,
     INSTRUCTION_TYPES,
+    _mentions,
+    _render,
+    _sample_relation_count,
     compatible,
 )
 
@@ -165,22 +168,13 @@ TRAIN_START_PHRASES = ("Sure thing", "Well", "Here goes:", "Okay so")
 TRAIN_END_PHRASES = ("Hope this helps.", "Have a nice day!", "Good luck!", "The end.")
 
 
-def _mentions(text: str, word: str) -> bool:
-    return re.search(r"\b" + re.escape(word) + r"\b", text, flags=re.IGNORECASE) is not None
-
-
-def _relation_count(bounds: Mapping[str, tuple[int, ...]], rng: random.Random):
-    relation = rng.choice(sorted(bounds))
-    return relation, rng.choice(bounds[relation])
-
-
 def _train_kwargs(type_id: str, rng: random.Random, task: str) -> dict[str, Any]:
     """Training parameters for ``type_id`` on ``task`` (JSON-serialisable)."""
     if type_id == "length_constraints:number_words":
-        relation, n = _relation_count(TRAIN_WORD_BOUNDS, rng)
+        relation, n = _sample_relation_count(TRAIN_WORD_BOUNDS, rng)
         return {"num_words": n, "relation": relation}
     if type_id == "length_constraints:number_sentences":
-        relation, n = _relation_count(TRAIN_SENTENCE_BOUNDS, rng)
+        relation, n = _sample_relation_count(TRAIN_SENTENCE_BOUNDS, rng)
         return {"num_sentences": n, "relation": relation}
     if type_id == "length_constraints:number_paragraphs":
         return {"num_paragraphs": rng.choice(TRAIN_NUM_PARAGRAPHS)}
@@ -239,12 +233,6 @@ LIBRARY: dict[str, ConstraintType] = {
     )
     for t, spec in INSTRUCTION_TYPES.items()
 }
-
-
-def _render(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return " and ".join(f'"{v}"' for v in value)
-    return str(value)
 
 
 def render(template: str, kwargs: Mapping[str, Any]) -> str:
@@ -411,3 +399,43 @@ def constraints_from_config(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SplitError(f"constraints.seed must be an integer, got {seed!r}")
     return TypeSplit.from_held_out(d["held_out"]), constraint_mix(d["mix"]), seed
+
+
+# --------------------------------------------------------------------------------------------
+# Hindsight constraints: rules a response ALREADY follows, stated as a training instruction.
+
+
+def _content_words(text: str) -> list[str]:
+    from utils.verifiable_checks import FORBIDDEN_WORDS, KEYWORDS
+
+    eval_words = {w.lower() for w in (*KEYWORDS, *FORBIDDEN_WORDS)}
+    words = [w.lower() for w in re.findall(r"[A-Za-z]{5,}", text)]
+    return sorted({w for w in words if w not in eval_words})
+
+
+def hindsight_kwargs(type_id: str, response: str, task: str, rng: random.Random) -> dict | None:
+    """Training kwargs of ``type_id`` that ``response`` satisfies, or None. String values are
+    taken from the response itself (its opening words, its closing words, one of its words),
+    never from the evaluation pools; other values are drawn from the training samplers."""
+    from utils.verifiable_checks import check_instruction
+
+    words = response.split()
+    if type_id == "startend:start_checker":
+        kw = {"start_phrase": " ".join(words[:2])} if len(words) >= 4 else None
+    elif type_id == "startend:end_checker":
+        kw = {"end_phrase": " ".join(words[-3:])} if len(words) >= 6 else None
+    elif type_id == "keywords:existence":
+        pool = [w for w in _content_words(response) if not _mentions(task, w)]
+        kw = {"keywords": [rng.choice(pool)]} if pool else None
+    elif type_id in ("combination:repeat_prompt", "detectable_content:postscript"):
+        kw = None  # never satisfied by accident in a useful way
+    else:
+        kw = None
+        for _ in range(6):
+            trial = LIBRARY[type_id].sample_train(rng, task)
+            if check_instruction(type_id, response, trial):
+                kw = trial
+                break
+    if kw is None or not check_instruction(type_id, response, kw):
+        return None
+    return kw

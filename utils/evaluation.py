@@ -825,6 +825,18 @@ def compute_statistics(
     }
 
 
+def round_sampling_stats(run_dir: Path) -> list[dict[str, Any]]:
+    """The verified rounds' sampling statistics (``<run>/verified_r<k>/stats.json``), in order:
+    what the checkers found in each round's samples, next to the arms trained on them."""
+    out = []
+    k = 1
+    while (Path(run_dir) / f"verified_r{k}" / "stats.json").exists():
+        st = json.loads((Path(run_dir) / f"verified_r{k}" / "stats.json").read_text())
+        out.append({"round": k, **st})
+        k += 1
+    return out
+
+
 def prompt_split(record: Mapping[str, Any], held_out: Sequence[str]) -> str:
     """'held_out' when any constraint of the prompt is of a held-out type, else 'seen'."""
     return "held_out" if any(t in held_out for t in record["instruction_ids"]) else "seen"
@@ -1184,6 +1196,7 @@ def run_evaluation(
             }
             for arm, arm_scores in scores.items()
         },
+        "rounds": round_sampling_stats(run_dir),
         "timing": {"total_s": time.perf_counter() - t_start, "model_load_s": load_s},
     }
 

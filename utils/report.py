@@ -268,6 +268,52 @@ def _sentinel_line(arm: dict[str, Any]) -> str:
     return line
 
 
+def round_lines(results: Mapping[str, Any]) -> list[str]:
+    """Per verified round: what the checkers found in its samples (training types only)."""
+    rounds = results.get("rounds") or []
+    if not rounds:
+        return ["No verified rounds in this run."]
+    rows = [
+        [r["round"], r["instructions"], r["constrained_instructions"], r["candidates"],
+         pct(r["prompt_pass_at_1"]), pct(r["prompt_pass_at_k"]), r["kept"], r["kept_constrained"],
+         r.get("sft_data_records", "n/a"), r["pairs"]]
+        for r in rounds
+    ]  # fmt: skip
+    out = [
+        "Samples of each round (round 1: base weights, few-shot; round r: round r-1's SFT "
+        "policy), checked by the program checkers. pass@1 = share of candidates passing every "
+        "constraint, pass@k = share of constrained instructions with a passing candidate. Arm "
+        "`sft_r<k>` is trained on round k's data, `sft` on the last round's.",
+        "",
+        md_table(
+            [
+                "round",
+                "instructions",
+                "constrained",
+                "candidates",
+                "pass@1",
+                "pass@k",
+                "kept",
+                "kept (constrained)",
+                "SFT records",
+                "pairs",
+            ],
+            rows,
+        ),  # fmt: skip
+        "",
+        "Per training type, pass@1 / pass@k by round:",
+        "",
+    ]
+    types = sorted({t for r in rounds for t in r["per_type"]})
+    type_rows = [
+        [t, *(f"{pct(r['per_type'][t]['pass_at_1'])} / {pct(r['per_type'][t]['pass_at_k'])}"
+              if t in r["per_type"] else "n/a" for r in rounds)]
+        for t in types
+    ]  # fmt: skip
+    out.append(md_table(["type", *(f"round {r['round']}" for r in rounds)], type_rows))
+    return out
+
+
 def _leakage_lines(results: Mapping[str, Any]) -> list[str]:
     leak = results["leakage"]
     if leak["status"] != "checked":
@@ -401,6 +447,7 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None 
     else:
         out.append("Fewer than two arms were evaluated: no comparison.")
     out += ["", "## Seen vs held-out constraint types", "", *split_lines(results)]
+    out += ["", "## Verified bootstrap rounds", "", *round_lines(results)]
     out += ["", "## Per instruction type", ""]
     if results["per_type"]:
         out += [

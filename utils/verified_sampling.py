@@ -81,6 +81,10 @@ class VerifiedConfig:
     # DPO pairs: "final_policy" = one more sampling pass with the final SFT adapter (on-policy);
     # "last_round" = the pairs of the last round's samples (one pass cheaper, one round stale)
     pairs_from: str = "final_policy"
+    # Hindsight records per instruction (0 = off): a relevant sample that did not become the
+    # kept answer is stored again under the bare task + a TRAIN-type rule it already follows
+    # (utils.constraint_library.hindsight_kwargs), checked by the same checker.
+    hindsight: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -263,6 +267,43 @@ def sft_record(record: Mapping[str, Any]) -> dict[str, Any] | None:
         "source": c["source"],
         "generation_prompt": c["prompt"],
     }
+
+
+def hindsight_records(
+    record: Mapping[str, Any], split: TypeSplit, n: int, seed: int
+) -> list[dict[str, Any]]:
+    """Up to ``n`` SFT records from the relevant, usable samples that were not kept: each gets
+    the bare task plus one TRAIN-type constraint it already satisfies, in a training phrasing
+    (instruction back-translation, verified by the checker). Pure and seeded by the record."""
+    from utils.constraint_library import hindsight_kwargs, render
+
+    if n <= 0:
+        return []
+    rng = random.Random(f"{seed}:hindsight:{record['id']}")
+    pool = [c for c in record["candidates"]
+            if c.get("relevant") and c["index"] != record.get("kept_index")]  # fmt: skip
+    out: list[dict[str, Any]] = []
+    for c in pool:
+        if len(out) >= n:
+            break
+        types = list(split.train)
+        rng.shuffle(types)
+        for t in types:
+            kw = hindsight_kwargs(t, c["text"], record["task"], rng)
+            if kw is None:
+                continue
+            phrasing = rng.randrange(len(LIBRARY[t].train_phrasings))
+            instruction = f"{record['task']} {render(LIBRARY[t].train_phrasings[phrasing], kw)}"
+            if eval_phrasing_match(instruction):
+                continue
+            out.append({
+                "id": f"{record['id']}:h{c['index']}", "instruction": instruction,
+                "response": c["text"], "type": record.get("type"), "task": record["task"],
+                "instruction_ids": [t], "kwargs": [kw], "round": record["round"],
+                "relevance": c["relevance"], "source": "hindsight", "generation_prompt": c["prompt"],
+            })  # fmt: skip
+            break
+    return out
 
 
 def pair_records(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -495,6 +536,7 @@ def run_verified_sampling(
     previous_sft_data: Sequence[Mapping[str, Any]] = (),
     progress: bool = True,
     on_chunk: Callable[[int, int], None] | None = None,
+    split: TypeSplit | None = None,
 ) -> dict[str, Any]:
     """Sample, check and keep for ``records``, resuming whatever ``out_dir/samples.jsonl``
     holds; then rebuild train/sft_data/pairs/stats from it. Returns stats, resume facts and
@@ -530,12 +572,15 @@ def run_verified_sampling(
     order = {r["id"]: k for k, r in enumerate(records)}
     samples.sort(key=lambda r: order[r["id"]])
     kept = [s for s in (sft_record(r) for r in samples) if s is not None]
+    if cfg.hindsight and split is not None:
+        kept += [h for r in samples for h in hindsight_records(r, split, cfg.hindsight, cfg.seed)]
     write_jsonl_atomic(out_dir / "train.jsonl", kept)
     sft_data = accumulate(previous_sft_data, kept) if cfg.accumulate else kept
     write_jsonl_atomic(out_dir / "sft_data.jsonl", sft_data)
     write_jsonl_atomic(out_dir / "pairs.jsonl", [p for r in samples for p in pair_records(r)])
     stats = sampling_stats(samples)
     stats["sft_data_records"] = len(sft_data)
+    stats["hindsight_records"] = sum(r.get("source") == "hindsight" for r in kept)
     return {
         "stats": stats,
         "resume": {
