@@ -1,5 +1,8 @@
-"""Constitutional (CAI) preference pairs: the policy answers, the BASE model critiques, revises
-and judges original vs revision against a principle of the constitution.
+"""Constitutional (CAI) preference pairs, by ``cai.mode``: ``contrastive`` (the policy answers
+after a context that follows a principle and after one that violates it; the BASE model's
+principle-conditioned likelihood gain and program checkers filter them;
+utils/constitution_contrastive.py), ``revise`` (the BASE model critiques, revises and judges
+original vs revision against a principle; utils/constitution.py) or ``both``.
 
     python scripts/generate_cai_pairs.py --run runs/default
     python scripts/generate_cai_pairs.py --run runs/default --constitution configs/constitution.yaml
@@ -34,8 +37,8 @@ from utils.constitution import (  # noqa: E402
     CAIConfig,
     load_constitution,
     resolve_policy,
-    run_constitution,
 )
+from utils.constitution_contrastive import print_contrastive_summary, run_cai  # noqa: E402
 from utils.critic import print_summary_table  # noqa: E402
 from utils.jsonl_io import JsonlError  # noqa: E402
 from utils.preference_pairs import load_training_instructions  # noqa: E402
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         lm = run.load_model()
         if adapter_dir is not None:
             attach_adapter(lm, adapter_dir)
-        summary = run_constitution(
+        summary = run_cai(
             lm, records, cfg, constitution, run.out_dir, policy, progress=not args.no_progress
         )
     except (
@@ -124,7 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         cai_config=cfg.to_dict(),
         **summary,
     )
-    print_summary(summary, run.out_dir)
+    if summary["mode"] == "revise":
+        print_summary(summary, run.out_dir)
+    elif summary["mode"] == "contrastive":
+        print_contrastive_summary(summary, run.out_dir)
+    else:  # both: each path's table, then the merged file
+        print_summary(summary["revise"], run.out_dir / "revise")
+        print_contrastive_summary(summary["contrastive"], run.out_dir / "contrastive")
+        print(f"wrote {run.out_dir / 'pairs.jsonl'} ({summary['counts']['pairs_kept']} pairs)")
     return 0 if summary["counts"]["pairs_kept"] > 0 else 1
 
 

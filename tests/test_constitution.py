@@ -55,9 +55,11 @@ SMALL = {
     "judge_header": "Header J.",
     "principles": [
         {"id": "p1", "critique_request": "Find errors.", "revision_request": "Fix them.",
-         "judge_question": "Which is better?"},
+         "judge_question": "Which is better?", "follow_context": "The answers below are right.",
+         "violate_context": "The answers below are wrong."},
         {"id": "p2", "critique_request": "Find rudeness.", "revision_request": "Be polite.",
-         "judge_question": "Which is politer?"},
+         "judge_question": "Which is politer?", "follow_context": "The answers below are kind.",
+         "violate_context": "The answers below are rude."},
     ],
     "demonstrations": [
         {"principle": "p1", "instruction": "Say hi.", "response": "Bye.",
@@ -569,6 +571,7 @@ RECORDS = [
     {"id": "s1-c", "instruction": "Write one word in capital letters.", "type": "format_uppercase"},
 ]
 TINY_CFG = CAIConfig(
+    mode="revise",  # this file tests the critique-and-revision path
     policy="base",
     n_shots=1,
     n_shots_judge=1,

@@ -125,6 +125,11 @@ REVISION_STOP_STRINGS: tuple[str, ...] = (
 )
 
 POLICIES = ("auto", "base", "sft", "dpo")
+# cai.mode: critique-and-revision (this module), contrastive principle pairs
+# (utils/constitution_contrastive.py), or both into one pairs.jsonl.
+CAI_MODES = ("revise", "contrastive", "both")
+# The principle text the contrastive label conditions on (utils/constitution_contrastive.py).
+CONTRASTIVE_SCORE_TEXTS = ("revision_request", "follow_context")
 RUN_POLICY_ADAPTERS = {"sft": "sft/adapter", "dpo": "dpo/adapter"}  # inside the run directory
 DROP_REASONS = (
     "original_empty", "original_leaked", "original_truncated",
@@ -163,6 +168,11 @@ class CAIConfig:
     exclude_truncated: bool = True  # an original/revision cut by max_new_tokens never ends
     label_margin: float = 0.1  # drop pairs with |P(prefer revision) - 0.5| below this
     require_position_consistent: bool = False  # drop pairs whose two orders disagree
+    # Contrastive principle pairs (utils/constitution_contrastive.py).
+    mode: str = "contrastive"  # revise | contrastive | both
+    contrastive_score_text: str = "revision_request"  # principle text of the likelihood gain
+    contrastive_temperature: float = 1.0  # p_llh = sigmoid((g_follow - g_violate) / T)
+    contrastive_checker_p: float = 0.9  # a program checker's vote for the side it prefers
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -186,6 +196,21 @@ class CAIConfig:
                 raise ValueError(f"cai.{step}_temperature must be >= 0 (0 = greedy), got {t}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"cai.top_p must be in (0, 1], got {self.top_p}")
+        if self.mode not in CAI_MODES:
+            raise ValueError(f"cai.mode must be one of {CAI_MODES}, got {self.mode!r}")
+        if self.contrastive_score_text not in CONTRASTIVE_SCORE_TEXTS:
+            raise ValueError(
+                f"cai.contrastive_score_text must be one of {CONTRASTIVE_SCORE_TEXTS}, "
+                f"got {self.contrastive_score_text!r}"
+            )
+        if not self.contrastive_temperature > 0:
+            raise ValueError(
+                f"cai.contrastive_temperature must be > 0, got {self.contrastive_temperature}"
+            )
+        if not 0.5 < self.contrastive_checker_p <= 1:
+            raise ValueError(
+                f"cai.contrastive_checker_p must be in (0.5, 1], got {self.contrastive_checker_p}"
+            )
         if not 0 <= self.label_margin < 0.5:
             raise ValueError(
                 f"cai.label_margin is a distance from 0.5 and must be in [0, 0.5), "
@@ -244,6 +269,8 @@ class Principle:
     critique_request: str
     revision_request: str
     judge_question: str  # the A/B question; " Answer:" is appended by judge_prompt
+    follow_context: str  # contrastive pairs: plain preamble of answers that follow it
+    violate_context: str  # ... and of answers that violate it (one paragraph each)
 
 
 @dataclass(frozen=True)
@@ -306,6 +333,8 @@ def _text(
         raise err("must be a single line")
     if field == "critique" and "\n\n" in text:
         raise err("a critique is one paragraph (no blank line: critiques stop at one)")
+    if field in ("follow_context", "violate_context") and "\n\n" in text:
+        raise err("a context is one paragraph (no blank line: it precedes the instruction)")
     markup = find_chat_markup(text)
     if markup:
         raise err(f"contains chat markup {markup!r}; the base model must never see it")
@@ -373,6 +402,10 @@ def parse_constitution(data: Any, path: str | Path = "<constitution>") -> Consti
                 path, f"duplicate id (first at principles[{seen[p.id]}])", i, "id",
                 entry_id=p.id,
             )  # fmt: skip
+        if _normalise(p.follow_context) == _normalise(p.violate_context):
+            raise ConstitutionError(
+                path, "is identical to follow_context", i, "violate_context", entry_id=p.id
+            )
         seen[p.id] = i
         principles.append(p)
     demos = []
@@ -838,14 +871,16 @@ def _policy_key(policy: Mapping[str, Any]) -> tuple[Any, Any]:
 
 
 def resume_outputs(
-    out_dir: str | Path, prompt_id: Mapping[str, Any], policy: Mapping[str, Any]
-) -> dict[str, Any]:
+    out_dir: str | Path, prompt_id: Mapping[str, Any], policy: Mapping[str, Any],
+    make_pair: Callable[[Mapping[str, Any]], dict[str, Any] | None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Read what ``out_dir`` already holds, repairing a torn last line in either file.
 
     Refuses (``JsonlError``) pairs without a record (another writer), and records made with
     another prompt id (constitution texts, shots, layout) or another policy: labels from two
     set-ups must not be mixed. Returns the records, the written pairs, the pairs missing for
-    finished records (a kill between the two writes) and the torn-line counts."""
+    finished records (a kill between the two writes) and the torn-line counts. ``make_pair``
+    builds a record's pair (default ``pair_record``; the contrastive stage passes its own)."""
     out_dir = Path(out_dir)
     r_path, p_path = out_dir / "records.jsonl", out_dir / "pairs.jsonl"
     done, torn_r = resume(r_path, key="id")
@@ -874,7 +909,8 @@ def resume_outputs(
                 f"{_policy_key(policy)}: write to a new output directory", "policy",
             )  # fmt: skip
     written_ids = {p["id"] for p in written}
-    missing = [p for r in done if (p := pair_record(r)) is not None and p["id"] not in written_ids]
+    make_pair = make_pair or pair_record
+    missing = [p for r in done if (p := make_pair(r)) is not None and p["id"] not in written_ids]
     return {
         "records": done,
         "pairs": written,
