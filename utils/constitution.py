@@ -54,6 +54,10 @@ finished instructions are skipped, a pair missing after a kill between the two w
 rebuilt from its record, and a directory written with another constitution/prompt or another
 policy is refused, never mixed.
 
+This is ``cai.mode: revise``; ``contrastive`` (the default) and ``both`` are in
+``utils/constitution_contrastive.py`` (RLCD pairs from a follow and a violate context of each
+principle; ``run_cai`` dispatches on the mode).
+
 Everything except ``process_chunk``/``run_constitution`` is pure Python (no torch import).
 """
 
