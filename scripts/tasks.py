@@ -9,7 +9,9 @@
     python scripts/tasks.py unblock NAME            # blocked -> pending
     python scripts/tasks.py check                   # validate every task file
 
-Exit codes: 0 ok, 2 user error (message on stderr). All logic is in utils/task_queue.py.
+Exit codes: 0 ok, 2 user error (message on stderr). 'list' names each unreadable or invalid
+task file in a warning and lists the rest (exit 0); 'check' exits 2 on any. All logic is in
+utils/task_queue.py.
 """
 
 from __future__ import annotations
@@ -107,10 +109,13 @@ def run(args: argparse.Namespace) -> int:
     if args.command in ("list", "check"):
         tasks, errors = queue.scan()
         if args.command == "list":
+            # A bad file is named, and the other tasks are still listed: exit 0 ('check' fails).
             shown = filter_tasks(tasks, args.state, args.assignee, args.priority)
             print(format_table(shown) if shown else "no tasks match", end="" if shown else "\n")
-        else:
-            print(f"{len(tasks)} valid task file(s) under {args.root}")
+            for error in errors:
+                print(f"warning: skipped {error}", file=sys.stderr)
+            return 0
+        print(f"{len(tasks)} valid task file(s) under {args.root}")
         for error in errors:
             print(f"error: {error}", file=sys.stderr)
         return 2 if errors else 0
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         path = queue.locate(args.name)
         queue.get(args.name)  # validates, so a broken file is reported rather than shown
         print(f"{path}\n")
-        print(path.read_text(encoding="utf-8"), end="")
+        print(queue.read_text(path), end="")
         return 0
     if args.command == "start":
         if not args.agent:

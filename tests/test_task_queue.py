@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -379,7 +382,7 @@ def test_cli_round_trip_and_exit_codes(root, capsys):
     assert code == 0 and "1 valid task file(s)" in out
     _break(root / "completed" / f"{name}.md", "## Priority\nP1", "## Priority\nP9")
     code, _, err = _cli([*r, "check"], capsys)
-    assert code == 2 and f"{name}.md: header '## Priority' has 'P9'" in err
+    assert code == 2 and f"{name}.md:4: header '## Priority' has 'P9'" in err
 
 
 def test_cli_runs_as_a_plain_script(root):
@@ -402,19 +405,182 @@ def test_repo_queue_is_valid_and_seeded():
         assert task.name.startswith(task.created.replace("-", "").replace(":", "").rstrip("Z"))
 
 
-def test_losing_a_start_race_is_a_clear_error(queue, root, monkeypatch):
+# --- races and faults -------------------------------------------------------------------------
+
+
+def _copies(root: Path, name: str) -> list[Path]:
+    """Every file of task ``name`` in the state folders, temporary files included."""
+    return sorted(p for s in STATES for p in (root / s).iterdir() if name in p.name)
+
+
+RACERS = (
+    ("start", lambda q, n: q.start(n, "w1")),
+    ("start", lambda q, n: q.start(n, "w2")),
+    ("block", lambda q, n: q.block(n, "waits for w3")),
+)
+
+
+def _race_once(root: Path, name: str, barrier, outcome: list) -> None:
+    # One racer per thread, each with its own TaskQueue, all released at once.
+    def run(k: int) -> None:
+        _, action = RACERS[k]
+        queue = TaskQueue(root, clock=Clock())
+        barrier.wait()
+        try:
+            outcome[k] = action(queue, name).state
+        except TaskError as e:
+            outcome[k] = str(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(RACERS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+
+def _check_race_outcome(root: Path, name: str, outcome: list) -> None:
+    winners = [k for k, r in enumerate(outcome) if r in STATES]
+    assert len(winners) == 1, outcome
+    for k, r in enumerate(outcome):
+        if k not in winners:
+            assert "already moved by someone else" in r, outcome
+    copies = _copies(root, name)
+    assert len(copies) == 1 and copies[0].parent.name == outcome[winners[0]], copies
+    moved = parse_task(copies[0].read_text(), copies[0])
+    assert len(moved.status_log) == 2, moved.status_log  # created + the winner's move, once
+    assert moved.status_log[1].split()[2:4] == ["pending", "->"]
+
+
+def test_racing_moves_in_threads_leave_exactly_one_file(root):
+    queue = TaskQueue(root, clock=Clock())
+    for attempt in range(30):
+        name = queue.new(f"Race {attempt}").name
+        outcome: list = [None] * len(RACERS)
+        _race_once(root, name, threading.Barrier(len(RACERS)), outcome)
+        _check_race_outcome(root, name, outcome)
+
+
+def _process_racer(root: str, name: str, k: int, barrier, results) -> None:
+    _, action = RACERS[k]
+    queue = TaskQueue(root, clock=Clock())
+    barrier.wait()
+    try:
+        results[k] = action(queue, name).state
+    except TaskError as e:
+        results[k] = str(e)
+
+
+def test_racing_moves_in_processes_leave_exactly_one_file(root):
+    ctx = multiprocessing.get_context("fork")
+    queue = TaskQueue(root, clock=Clock())
+    with ctx.Manager() as manager:
+        for attempt in range(20):
+            name = queue.new(f"Process race {attempt}").name
+            barrier, results = manager.Barrier(len(RACERS)), manager.list([None] * len(RACERS))
+            procs = [
+                ctx.Process(target=_process_racer, args=(str(root), name, k, barrier, results))
+                for k in range(len(RACERS))
+            ]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(timeout=60)
+                assert p.exitcode == 0
+            _check_race_outcome(root, name, list(results))
+
+
+def test_losing_a_race_names_where_the_task_went(queue, root, monkeypatch):
     name = queue.new("Race").name
-    real_replace = os.replace
-    winner = root / "in_progress" / f"{name}.md"
+    other_agent = TaskQueue(root, clock=Clock())
+    real_lock = queue._task_lock
 
-    def other_agent_moves_first(src, dst):
-        # Another agent's rename lands between our checks and ours, as in a real race.
-        if Path(src).parent.name == "pending" and Path(src).exists():
-            real_replace(src, winner)
-        return real_replace(src, dst)
+    def other_agent_moves_first(stem):
+        # The other agent's whole move lands after we looked and before we got the lock.
+        other_agent.start(stem, "winner")
+        return real_lock(stem)
 
-    monkeypatch.setattr("utils.task_queue.os.replace", other_agent_moves_first)
-    with pytest.raises(TaskError, match="moved by someone else"):
-        queue.start(name, "loser")
+    monkeypatch.setattr(queue, "_task_lock", other_agent_moves_first)
+    with pytest.raises(TaskError, match="already moved by someone else \\(from pending to in_pr"):
+        queue.block(name, "loser")
     monkeypatch.undo()
-    assert winner.exists() and queue.get(name).assigned_to == "unassigned"
+    assert _copies(root, name) == [root / "in_progress" / f"{name}.md"]
+    assert queue.get(name).assigned_to == "winner"
+
+
+def test_a_held_lock_times_out_with_a_clear_error(root):
+    queue = TaskQueue(root, clock=Clock(), lock_timeout=0.2)
+    name = queue.new("Locked").name
+    held = f"task '{name}': .*held by someone else"
+    with queue._task_lock(name), pytest.raises(TaskError, match=held):
+        TaskQueue(root, lock_timeout=0.2).start(name, "w")
+    assert queue.start(name, "w").state == "in_progress"
+    assert (root / ".locks" / ".gitignore").read_text() == "*\n"  # lock files stay out of git
+
+
+def _full_disk_after(monkeypatch, n_bytes: int) -> None:
+    # The disk fills up mid-write: the first call writes n_bytes, the next raises ENOSPC.
+    real_write = os.write
+    calls = []
+
+    def write(fd, data):
+        calls.append(fd)
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:n_bytes]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("utils.atomic_files.os.write", write)
+
+
+def test_new_on_a_full_disk_leaves_no_file(queue, root, monkeypatch):
+    _full_disk_after(monkeypatch, 10)
+    with pytest.raises(TaskError) as info:
+        queue.new("Full disk")
+    monkeypatch.undo()
+    assert "20261123T160512-full-disk.md: could not be written (No space left" in str(info.value)
+    assert sorted(os.listdir(root / "pending")) == []  # no 0-byte task, no temporary file
+    assert queue.new("Full disk").path.stat().st_size > 0
+
+
+def test_move_on_a_full_disk_leaves_the_task_where_it_was(queue, root, monkeypatch):
+    task = queue.new("Stays")
+    before = task.path.read_bytes()
+    _full_disk_after(monkeypatch, 10)
+    with pytest.raises(TaskError, match="could not be written \\(No space left"):
+        queue.start(task.name, "w")
+    monkeypatch.undo()
+    assert _copies(root, task.name) == [task.path] and task.path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (lambda t: t.replace(b"## Objective", b"## Obj\xffective"), ":13: not valid UTF-8 (byte"),
+        (lambda t: t.replace(b"\nP2\n", b"\n\xc3\n"), ":5: not valid UTF-8 (byte(s) c3"),
+        (lambda t: t.replace(b"\nP2\n", b"\nurgent\n"), ":4: header '## Priority' has 'urgent'"),
+        (lambda t: t.replace(b"## Title\n", b"#Title\n"), ": header '## Title' is missing"),
+    ],
+)
+def test_a_bad_file_is_named_and_the_rest_of_the_queue_works(queue, root, capsys, damage, fragment):
+    bad = queue.new("Bad one", test_plan="ok")
+    good = queue.new("Good one")
+    bad.path.write_bytes(damage(bad.path.read_bytes()))
+    expected = f"{bad.path}{fragment}"
+
+    tasks, errors = queue.scan()
+    assert [t.name for t in tasks] == [good.name]
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
+    with pytest.raises(TaskFormatError) as info:
+        queue.get(bad.name)
+    assert str(info.value).startswith(expected)
+
+    r = ["--root", str(root)]
+    code, out, err = _cli([*r, "list"], capsys)
+    assert code == 0 and good.name in out and bad.name not in out
+    assert err == f"warning: skipped {errors[0]}\n"
+    code, out, err = _cli([*r, "check"], capsys)
+    assert code == 2 and "1 valid task file(s)" in out and err == f"error: {errors[0]}\n"
+    code, _, err = _cli([*r, "show", bad.name], capsys)
+    assert code == 2 and err.startswith(f"error: {expected}")
+    code, out, _ = _cli([*r, "start", good.name, "--agent", "w"], capsys)
+    assert code == 0 and "pending -> in_progress by w" in out
+    assert bad.path.exists()

@@ -2,9 +2,13 @@
 
 A task is one markdown file whose sections are ``## <Header>`` lines (see tasks/TEMPLATE.md).
 Its state is the folder it lies in: ``pending/ in_progress/ completed/ blocked/`` under the
-queue root. A transition is one ``os.replace`` between two folders of the same root (atomic on
-one filesystem, so two agents racing to ``start`` the same task cannot both win), followed by
-a timestamped line appended to the task's Status log.
+queue root. A transition happens under a lock per task (``<root>/.locks/<name>.lock``): the
+new text (Status log line appended) is written to a temporary file in the target folder, put
+in place in one step (never over an existing file), and only then is the old file removed.
+Two agents racing to move the same task cannot both win: the second finds the task no longer
+where it saw it and gets "already moved". ``new`` writes the same way, so a failed write (a
+full disk) leaves no file. A file that is not valid UTF-8 or breaks the template is reported
+by name (and line) by ``scan`` without hiding the other tasks.
 
 Allowed transitions::
 
@@ -20,351 +24,62 @@ in two state folders at once.
 from __future__ import annotations
 
 import os
-import re
-import textwrap
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
 
-STATES: tuple[str, ...] = ("pending", "in_progress", "completed", "blocked")
-PRIORITIES: tuple[str, ...] = ("P0", "P1", "P2", "P3")
-REQUIRED_HEADERS: tuple[str, ...] = (
-    "Title",
-    "Priority",
-    "Assigned To",
-    "Created",
-    "Objective",
-    "Success Criteria",
-    "Files",
-    "Dependencies",
-    "Test Plan",
-    "Status log",
+from utils.atomic_files import (
+    LockTimeoutError,
+    Utf8Error,
+    file_lock,
+    publish,
+    read_utf8,
+    write_temp,
 )
-ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
-    "pending": frozenset({"in_progress", "blocked"}),
-    "in_progress": frozenset({"completed", "blocked"}),
-    "completed": frozenset({"blocked"}),
-    "blocked": frozenset({"pending", "in_progress"}),
-}
-UNASSIGNED = "unassigned"
-TEMPLATE_NAME = "TEMPLATE.md"
-CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # the Created header and Status log lines, always UTC
-FILE_STAMP_FORMAT = "%Y%m%dT%H%M%S"  # the file-name prefix, sortable as text
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_HEADER_RE = re.compile(r"^##\s+(\S.*?)\s*#*\s*$")
-_CHECKBOX_RE = re.compile(r"^[-*] \[( |x|X)\] (\S.*)$")
-_SINGLE_LINE_HEADERS = ("Title", "Priority", "Assigned To", "Created")
+from utils.task_format import (  # noqa: F401  (re-exported: the queue's one import point)
+    ALLOWED_TRANSITIONS,
+    CREATED_FORMAT,
+    FILE_STAMP_FORMAT,
+    PRIORITIES,
+    REQUIRED_HEADERS,
+    STATES,
+    TEMPLATE_NAME,
+    UNASSIGNED,
+    Task,
+    TaskError,
+    TaskFormatError,
+    _as_utc,
+    _one_line,
+    append_status_line,
+    filter_tasks,
+    format_created,
+    format_table,
+    parse_task,
+    render_new_task,
+    set_section,
+    slugify,
+    status_line,
+    utc_now,
+    validate_task_name,
+)
 
-
-class TaskError(ValueError):
-    """A user error in the task queue (bad name, refused transition, missing task)."""
-
-
-class TaskFormatError(TaskError):
-    """A task file that breaks the template; the message names the file and the header."""
-
-    def __init__(self, path: str | Path, header: str | None, message: str):
-        self.path, self.header = str(path), header
-        where = f"{path}: header '## {header}'" if header else f"{path}:"
-        super().__init__(f"{where} {message}")
-
-
-@dataclass(frozen=True)
-class Task:
-    """One parsed task file; ``sections`` keeps every section body as written."""
-
-    name: str
-    state: str
-    path: Path
-    title: str
-    priority: str
-    assigned_to: str
-    created: str
-    sections: dict[str, str]
-    criteria: tuple[tuple[bool, str], ...]  # (checked, text) per Success Criteria checkbox
-    status_log: tuple[str, ...]
-
-    @property
-    def unchecked_criteria(self) -> list[str]:
-        return [text for checked, text in self.criteria if not checked]
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def format_created(when: datetime) -> str:
-    """``when`` as the UTC text used in Created and Status log lines."""
-    return _as_utc(when).strftime(CREATED_FORMAT)
-
-
-def _as_utc(when: datetime) -> datetime:
-    # A naive datetime is taken to be UTC already; an aware one is converted.
-    return (
-        when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
-    )
-
-
-def slugify(title: str, max_len: int = 40) -> str:
-    """Lowercase ASCII words of ``title`` joined by '-', cut at a word boundary; 'task' if none."""
-    words = re.findall(r"[a-z0-9]+", title.lower())
-    slug = ""
-    for word in words:
-        candidate = f"{slug}-{word}" if slug else word
-        if len(candidate) > max_len:
-            break
-        slug = candidate
-    if not slug and words:
-        slug = words[0][:max_len]  # a single over-long word is truncated rather than dropped
-    return slug or "task"
-
-
-def validate_task_name(name: str) -> str:
-    """The task stem of ``name`` (an optional '.md' dropped); raises TaskError if it could
-    leave the queue root or is not a plain file stem."""
-    if not isinstance(name, str) or not name.strip():
-        raise TaskError("task name is empty")
-    if os.path.isabs(name) or name.startswith(("/", "\\")):
-        raise TaskError(f"task name '{name}' is an absolute path; give the bare file name")
-    if ".." in name:
-        raise TaskError(f"task name '{name}' contains '..'; names must stay inside the queue")
-    if "/" in name or "\\" in name or os.sep in name:
-        raise TaskError(f"task name '{name}' contains a path separator; give the bare file name")
-    stem = name[:-3] if name.endswith(".md") else name
-    if not _NAME_RE.match(stem):
-        raise TaskError(
-            f"task name '{name}' is not a task file name "
-            "(letters, digits, '-' and '_' only, e.g. 20261123T160512-short-slug)"
-        )
-    return stem
-
-
-def _split_sections(text: str) -> tuple[list[str], list[tuple[str, int, int]]]:
-    """Lines of ``text`` and (header, header_line, end_line) per '## ' section.
-
-    Lines inside fenced code blocks are never headers, so a Test Plan may quote markdown.
-    """
-    lines = text.splitlines()
-    starts: list[tuple[str, int]] = []
-    in_fence = False
-    for i, line in enumerate(lines):
-        if line.lstrip().startswith(("```", "~~~")):
-            in_fence = not in_fence
-            continue
-        if not in_fence:
-            m = _HEADER_RE.match(line)
-            if m:
-                starts.append((m.group(1), i))
-    spans = []
-    for k, (header, i) in enumerate(starts):
-        end = starts[k + 1][1] if k + 1 < len(starts) else len(lines)
-        spans.append((header, i, end))
-    return lines, spans
-
-
-def _canonical(header: str) -> str | None:
-    # Headers match case- and space-insensitively so "Status Log" is the Status log section.
-    key = " ".join(header.split()).lower()
-    for required in REQUIRED_HEADERS:
-        if required.lower() == key:
-            return required
-    return None
-
-
-def parse_task(text: str, path: str | Path, state: str | None = None) -> Task:
-    """Parse and validate one task file's text; raises TaskFormatError naming path and header."""
-    path = Path(path)
-    state = state if state is not None else path.parent.name
-    lines, spans = _split_sections(text)
-    sections: dict[str, str] = {}
-    for header, start, end in spans:
-        name = _canonical(header) or header
-        if name in sections:
-            raise TaskFormatError(path, name, "appears twice; keep one section per header")
-        sections[name] = "\n".join(lines[start + 1 : end]).strip()
-    for header in REQUIRED_HEADERS:
-        if header not in sections:
-            raise TaskFormatError(
-                path,
-                header,
-                "is missing (every template header is required; see tasks/TEMPLATE.md)",
-            )
-        if not sections[header]:
-            raise TaskFormatError(path, header, "is empty (write 'none' if nothing applies)")
-    for header in _SINGLE_LINE_HEADERS:
-        if "\n" in sections[header]:
-            raise TaskFormatError(path, header, "must be a single line")
-    priority = sections["Priority"]
-    if priority not in PRIORITIES:
-        raise TaskFormatError(
-            path, "Priority", f"has '{priority}'; expected one of {', '.join(PRIORITIES)}"
-        )
-    try:
-        datetime.strptime(sections["Created"], CREATED_FORMAT)
-    except ValueError:
-        raise TaskFormatError(
-            path, "Created", f"has '{sections['Created']}'; expected UTC like 2026-11-23T16:05:12Z"
-        ) from None
-    criteria = []
-    for line in sections["Success Criteria"].splitlines():
-        if not line.strip() or line[:1].isspace():
-            continue  # blank lines and indented continuations belong to the previous box
-        m = _CHECKBOX_RE.match(line)
-        if not m:
-            raise TaskFormatError(
-                path, "Success Criteria", f"has line '{line}', which is not a '- [ ] ...' checkbox"
-            )
-        criteria.append((m.group(1) != " ", m.group(2)))
-    log = tuple(line for line in sections["Status log"].splitlines() if line.strip())
-    return Task(
-        name=path.stem,
-        state=state,
-        path=path,
-        title=sections["Title"],
-        priority=priority,
-        assigned_to=sections["Assigned To"],
-        created=sections["Created"],
-        sections=sections,
-        criteria=tuple(criteria),
-        status_log=log,
-    )
-
-
-def set_section(text: str, header: str, body: str) -> str:
-    """``text`` with the body of section ``header`` replaced by ``body`` (other text untouched)."""
-    lines, spans = _split_sections(text)
-    for name, start, end in spans:
-        if (_canonical(name) or name) == header:
-            # Keep one blank line before the next header so the markdown stays readable.
-            tail = [""] if end < len(lines) else []
-            new_lines = lines[: start + 1] + body.strip("\n").splitlines() + tail + lines[end:]
-            return "\n".join(new_lines) + "\n"
-    raise TaskError(f"no '## {header}' section to set")
-
-
-def append_status_line(text: str, line: str) -> str:
-    """``text`` with ``line`` appended after the last non-blank line of the Status log."""
-    lines, spans = _split_sections(text)
-    for name, start, end in spans:
-        if _canonical(name) == "Status log":
-            last = start
-            for i in range(start + 1, end):
-                if lines[i].strip():
-                    last = i
-            new_lines = lines[: last + 1] + [line] + lines[last + 1 :]
-            return "\n".join(new_lines) + "\n"
-    raise TaskError("no '## Status log' section to append to")
-
-
-def status_line(
-    when: datetime, event: str, agent: str | None = None, note: str | None = None
-) -> str:
-    """One Status log line: '- <UTC time> <event>[ by <agent>][: <note>]'."""
-    line = f"- {format_created(when)} {event}"
-    if agent:
-        line += f" by {_one_line(agent, 'agent')}"
-    if note and note.strip():
-        line += f": {' '.join(note.split())}"  # a note is collapsed onto the log's one line
-    return line
-
-
-def _one_line(value: str, what: str) -> str:
-    value = value.strip()
-    if not value or "\n" in value or "\r" in value:
-        raise TaskError(f"{what} must be one non-empty line, got {value!r}")
-    return value
-
-
-def _wrap(text: str, width: int = 100) -> str:
-    # Prose given on one command line is wrapped so the file reads well; author newlines stay.
-    return "\n".join(
-        textwrap.fill(line, width, break_on_hyphens=False) if line.strip() else ""
-        for line in text.splitlines()
-    )
-
-
-def render_new_task(
-    template_text: str,
-    *,
-    title: str,
-    priority: str,
-    created: datetime,
-    assigned_to: str = UNASSIGNED,
-    objective: str | None = None,
-    criteria: Sequence[str] = (),
-    files: Sequence[str] = (),
-    dependencies: Sequence[str] = (),
-    test_plan: str | None = None,
-    log_line: str,
-) -> str:
-    """A new task's markdown from the template: the metadata filled in, template guidance kept
-    for every section not given, and the text before the first '## ' header dropped."""
-    lines, spans = _split_sections(template_text)
-    if not spans:
-        raise TaskError("the template has no '## ' headers")
-    text = "\n".join(lines[spans[0][1] :]) + "\n"
-    fills: dict[str, str] = {
-        "Title": _one_line(title, "title"),
-        "Priority": priority,
-        "Assigned To": _one_line(assigned_to, "assigned to"),
-        "Created": format_created(created),
-        "Status log": log_line,
-    }
-    if objective is not None:
-        fills["Objective"] = _wrap(objective)
-    if criteria:
-        fills["Success Criteria"] = "\n".join(
-            f"- [ ] {_one_line(c, 'criterion')}" for c in criteria
-        )
-    if files:
-        fills["Files"] = "\n".join(f"- {_one_line(f, 'file')}" for f in files)
-    if dependencies:
-        fills["Dependencies"] = "\n".join(f"- {_one_line(d, 'dependency')}" for d in dependencies)
-    if test_plan is not None:
-        fills["Test Plan"] = _wrap(test_plan)
-    for header, body in fills.items():
-        text = set_section(text, header, body)
-    return text
-
-
-def filter_tasks(
-    tasks: Iterable[Task],
-    state: str | None = None,
-    assignee: str | None = None,
-    priority: str | None = None,
-) -> list[Task]:
-    """Tasks matching every given filter (assignee case-insensitively), sorted by state order,
-    priority, then name (oldest first)."""
-    if state is not None and state not in STATES:
-        raise TaskError(f"unknown state '{state}'; expected one of {', '.join(STATES)}")
-    if priority is not None and priority not in PRIORITIES:
-        raise TaskError(f"unknown priority '{priority}'; expected one of {', '.join(PRIORITIES)}")
-    kept = [
-        t
-        for t in tasks
-        if (state is None or t.state == state)
-        and (assignee is None or t.assigned_to.lower() == assignee.strip().lower())
-        and (priority is None or t.priority == priority)
-    ]
-    return sorted(kept, key=lambda t: (STATES.index(t.state), t.priority, t.name))
-
-
-def format_table(tasks: Sequence[Task]) -> str:
-    """A fixed-width text table: NAME, STATE, PRI, ASSIGNED TO, TITLE."""
-    rows = [("NAME", "STATE", "PRI", "ASSIGNED TO", "TITLE")]
-    rows += [(t.name, t.state, t.priority, t.assigned_to, t.title) for t in tasks]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    out = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
-    return "\n".join(line.rstrip() for line in out) + "\n"
+LOCK_DIR = ".locks"  # per-task lock files under the queue root (git-ignored by its own file)
+LOCK_TIMEOUT_S = 30.0
 
 
 class TaskQueue:
     """The queue under ``root`` (the folder holding pending/ in_progress/ completed/ blocked/)."""
 
-    def __init__(self, root: str | Path, clock: Callable[[], datetime] = utc_now):
+    def __init__(
+        self,
+        root: str | Path,
+        clock: Callable[[], datetime] = utc_now,
+        lock_timeout: float = LOCK_TIMEOUT_S,
+    ):
         self.root = Path(root)
         self.clock = clock  # injectable so tests get fixed timestamps
+        self.lock_timeout = lock_timeout
 
     # --- locating ---------------------------------------------------------------------------
 
@@ -397,11 +112,14 @@ class TaskQueue:
         if not path.is_file():
             raise TaskError(f"{path}: not a regular file")
 
+    def _find(self, stem: str) -> list[Path]:
+        candidates = [self.state_dir(s) / f"{stem}.md" for s in STATES]
+        return [p for p in candidates if os.path.lexists(p)]
+
     def locate(self, name: str) -> Path:
         """The one path of task ``name``; raises if absent, or present in two folders."""
         stem = validate_task_name(name)
-        candidates = [self.state_dir(s) / f"{stem}.md" for s in STATES]
-        found = [p for p in candidates if os.path.lexists(p)]
+        found = self._find(stem)
         if not found:
             raise TaskError(f"no task '{stem}' in any of {', '.join(STATES)} under {self.root}")
         if len(found) > 1:
@@ -412,13 +130,26 @@ class TaskQueue:
         self._check_inside(found[0])
         return found[0]
 
+    def read_text(self, path: Path) -> str:
+        """The text of a task file; a file that is not UTF-8 or cannot be read is a
+        TaskFormatError naming the file (and the line of the first bad byte)."""
+        try:
+            return read_utf8(path)
+        except Utf8Error as e:
+            raise TaskFormatError(path, None, e.detail, e.line) from None
+        except FileNotFoundError:
+            raise TaskError(f"{path}: moved or deleted by someone else meanwhile") from None
+        except OSError as e:
+            raise TaskFormatError(path, None, f"cannot be read ({e.strerror})") from None
+
     def get(self, name: str) -> Task:
         """The parsed task ``name``."""
         path = self.locate(name)
-        return parse_task(path.read_text(encoding="utf-8"), path)
+        return parse_task(self.read_text(path), path)
 
     def scan(self) -> tuple[list[Task], list[str]]:
-        """Every valid task, and one error message per invalid file or duplicated name."""
+        """Every valid task, and one error message per invalid file or duplicated name; one
+        bad file never hides the others."""
         seen: dict[str, list[Path]] = {}
         for state in STATES:
             for path in sorted(self.state_dir(state).iterdir()):
@@ -428,35 +159,62 @@ class TaskQueue:
         tasks: list[Task] = []
         errors: list[str] = []
         for stem, paths in sorted(seen.items()):
-            if len(paths) > 1:
-                errors.append(
-                    f"task '{stem}' exists in {len(paths)} folders at once: "
-                    f"{', '.join(str(p) for p in paths)}"
-                )
-                continue
-            path = paths[0]
             try:
-                validate_task_name(path.name)
+                validate_task_name(paths[0].name)
+                tasks.append(self._scan_one(stem, paths))
             except TaskError as e:
-                errors.append(f"{path}: {e}")
-                continue
-            try:
-                self._check_inside(path)
-                tasks.append(parse_task(path.read_text(encoding="utf-8"), path))
-            except TaskError as e:
-                errors.append(str(e))
+                errors.append(str(e) if str(paths[0]) in str(e) else f"{paths[0]}: {e}")
         return tasks, errors
+
+    def _scan_one(self, stem: str, paths: list[Path]) -> Task:
+        if len(paths) == 1:
+            try:
+                self._check_inside(paths[0])
+                return parse_task(self.read_text(paths[0]), paths[0])
+            except TaskFormatError:
+                raise
+            except TaskError:
+                if os.path.lexists(paths[0]):
+                    raise
+        # Two copies, or a file gone while listing: a move may be half done. Look again while
+        # holding the task's lock, when no move of it is under way.
+        with self._task_lock(stem):
+            path = self.locate(stem)
+            return parse_task(self.read_text(path), path)
 
     # --- writing ----------------------------------------------------------------------------
 
-    def _write_atomic(self, path: Path, text: str) -> None:
-        # A reader never sees a half-written task: write a hidden temp file, then replace.
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    @contextmanager
+    def _task_lock(self, stem: str) -> Iterator[None]:
+        """Hold the lock of task ``stem``; waiting longer than ``lock_timeout`` is a TaskError."""
+        folder = self.root / LOCK_DIR
+        lock_path = folder / f"{stem}.lock"
+        try:
+            if not folder.is_dir():
+                folder.mkdir(exist_ok=True)
+                (folder / ".gitignore").write_text("*\n", encoding="utf-8")
+            if folder.resolve() != self.root.resolve() / LOCK_DIR:
+                raise TaskError(f"{folder}: resolves outside the queue root {self.root}")
+            with ExitStack() as stack:
+                stack.enter_context(file_lock(lock_path, self.lock_timeout))
+                acquired = stack.pop_all()
+        except LockTimeoutError as e:
+            raise TaskError(
+                f"task '{stem}': {e.strerror}; another agent is moving it (retry), or delete "
+                "the lock file if no agent is running"
+            ) from None
+        except OSError as e:
+            raise TaskError(f"{lock_path}: cannot take the task lock ({e.strerror})") from None
+        with acquired:
+            yield
+
+    def _write_new_file(self, path: Path, text: str) -> None:
+        """``text`` at ``path`` in one step, or no file at all (FileExistsError if taken)."""
+        try:
+            tmp = write_temp(path.parent, path.name, text)
+        except OSError as e:
+            raise TaskError(f"{path}: could not be written ({e.strerror}); nothing changed") from e
+        publish(tmp, path)
 
     def new(
         self,
@@ -472,22 +230,17 @@ class TaskQueue:
         agent: str | None = None,
         note: str | None = None,
     ) -> Task:
-        """Create a pending task from ``<root>/TEMPLATE.md``, named '<UTC stamp>-<slug>.md'."""
+        """Create a pending task from ``<root>/TEMPLATE.md``, named '<UTC stamp>-<slug>.md'.
+        The file appears whole or not at all (a failed write raises TaskError, leaving none)."""
         if priority not in PRIORITIES:
             raise TaskError(f"priority '{priority}' is not one of {', '.join(PRIORITIES)}")
         template = self.root / TEMPLATE_NAME
         if not template.is_file():
             raise TaskError(f"{template}: no template; the queue root needs {TEMPLATE_NAME}")
         pending = self.state_dir("pending")
-        existing = {p.stem for s in STATES for p in self.state_dir(s).glob("*.md")}
         now = self.clock()
-        base = f"{_as_utc(now).strftime(FILE_STAMP_FORMAT)}-{slugify(title)}"
-        stem, k = base, 1
-        while stem in existing:  # two tasks with one title in one second stay distinct
-            k += 1
-            stem = f"{base}-{k}"
         text = render_new_task(
-            template.read_text(encoding="utf-8"),
+            self.read_text(template),
             title=title,
             priority=priority,
             created=now,
@@ -499,15 +252,19 @@ class TaskQueue:
             test_plan=test_plan,
             log_line=status_line(now, "created in pending", agent, note),
         )
-        path = pending / f"{stem}.md"
-        task = parse_task(text, path)  # the template must yield a valid task before it is written
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            raise TaskError(f"{path}: already exists") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        return task
+        base = f"{_as_utc(now).strftime(FILE_STAMP_FORMAT)}-{slugify(title)}"
+        parse_task(text, pending / f"{base}.md")  # the template must yield a valid task
+        for k in range(1, 1000):
+            stem = base if k == 1 else f"{base}-{k}"  # one title twice in one second: -2, -3
+            if self._find(stem):
+                continue
+            path = pending / f"{stem}.md"
+            try:
+                self._write_new_file(path, text)
+            except FileExistsError:
+                continue  # another agent took this name between the check and the write
+            return parse_task(text, path)
+        raise TaskError(f"{pending}: 999 tasks named '{base}' already; choose another title")
 
     def move(
         self,
@@ -519,36 +276,44 @@ class TaskQueue:
         assign: bool = False,
     ) -> Task:
         """Move task ``name`` to ``to_state`` if allowed, then log it (and with ``assign``,
-        write ``agent`` into Assigned To)."""
+        write ``agent`` into Assigned To). One step under the task's lock: the new text is
+        put into the target folder, then the old file removed. If the task left the folder it
+        was in when this call looked (another agent moved it), raises "already moved"."""
         dst_dir = self.state_dir(to_state)
-        src = self.locate(name)
-        task = parse_task(src.read_text(encoding="utf-8"), src)  # refuse to move a broken file
-        if to_state not in ALLOWED_TRANSITIONS[task.state]:
-            allowed = ", ".join(sorted(ALLOWED_TRANSITIONS[task.state]))
-            raise TaskError(
-                f"task '{task.name}' is {task.state}; {task.state} -> {to_state} is not allowed "
-                f"(from {task.state}: {allowed})"
+        stem = validate_task_name(name)
+        before = self._find(stem)  # what the caller acts on; two or none = a move in flight
+        with self._task_lock(stem):
+            src = self.locate(stem)
+            if len(before) != 1 or before[0] != src:
+                was = before[0].parent.name if len(before) == 1 else "a half-done move"
+                raise TaskError(
+                    f"task '{stem}' already moved by someone else (from {was} to "
+                    f"{src.parent.name}) while this {to_state} waited; run 'show {stem}'"
+                )
+            text = self.read_text(src)
+            task = parse_task(text, src)  # refuse to move a broken file
+            if to_state not in ALLOWED_TRANSITIONS[task.state]:
+                allowed = ", ".join(sorted(ALLOWED_TRANSITIONS[task.state]))
+                raise TaskError(
+                    f"task '{task.name}' is {task.state}; {task.state} -> {to_state} is not "
+                    f"allowed (from {task.state}: {allowed})"
+                )
+            if assign and not (agent and agent.strip()):
+                raise TaskError(f"moving '{task.name}' to {to_state} needs an agent name")
+            if assign:
+                text = set_section(text, "Assigned To", _one_line(agent or "", "agent"))
+            text = append_status_line(
+                text, status_line(self.clock(), f"{task.state} -> {to_state}", agent, note)
             )
-        if assign and not (agent and agent.strip()):
-            raise TaskError(f"moving '{task.name}' to {to_state} needs an agent name")
-        dst = dst_dir / src.name
-        if os.path.lexists(dst):
-            raise TaskError(f"{dst}: already exists; refusing to overwrite it with {src}")
-        try:
-            # The move is the claim: of two agents racing, the second finds src gone.
-            os.replace(src, dst)
-        except FileNotFoundError:
-            raise TaskError(
-                f"{src}: moved by someone else meanwhile; run 'show {task.name}'"
-            ) from None
-        text = dst.read_text(encoding="utf-8")
-        if assign:
-            text = set_section(text, "Assigned To", _one_line(agent or "", "agent"))
-        text = append_status_line(
-            text, status_line(self.clock(), f"{task.state} -> {to_state}", agent, note)
-        )
-        self._write_atomic(dst, text)
-        return parse_task(text, dst)
+            dst = dst_dir / src.name
+            try:
+                self._write_new_file(dst, text)
+            except FileExistsError:
+                raise TaskError(
+                    f"{dst}: already exists; refusing to overwrite it with {src}"
+                ) from None
+            os.unlink(src)
+            return parse_task(text, dst)
 
     def start(self, name: str, agent: str, note: str | None = None) -> Task:
         """pending|blocked -> in_progress, recording ``agent`` in Assigned To."""
