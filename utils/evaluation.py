@@ -96,6 +96,8 @@ class EvalConfig:
     # base_icl settings tried on a dev split (utils/icl_selection.py); () = icl_k demos as is
     icl_candidates: tuple[str, ...] = ()
     icl_dev_prompts: int = 48
+    # harmful handling, over-refusal, principle preference per arm (utils/eval_constitution.py)
+    constitution: bool = False
     max_new_tokens: int = 64
     batch_size: int = 32
     bootstrap_resamples: int = 10000
@@ -1136,6 +1138,20 @@ def run_evaluation(
     for spec in specs:
         info, generations[spec.name] = _evaluate_arm(spec, ctx)
         arm_results.append(info)
+    constitution = None
+    if config.constitution and specs:
+        from utils.eval_constitution import run_constitution_eval
+
+        keys = {
+            spec.name: {"weights": ctx.base_sha,
+                        "adapter": adapter_hash(spec.adapter_dir) if spec.adapter_dir else None}
+            for spec in specs
+        }  # fmt: skip
+        constitution = run_constitution_eval(
+            specs, session.arm, keys,
+            lambda spec, text: arm_prompt(spec, text, ctx.demos, ctx.preamble),
+            config, out_dir / "cache", log,
+        )  # fmt: skip
     provenance = session.lm.provenance if session.lm is not None else None
     load_s = session.load_s
     session.close()
@@ -1197,6 +1213,7 @@ def run_evaluation(
             for arm, arm_scores in scores.items()
         },
         "rounds": round_sampling_stats(run_dir),
+        "constitution": constitution,
         "timing": {"total_s": time.perf_counter() - t_start, "model_load_s": load_s},
     }
 

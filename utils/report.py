@@ -268,6 +268,49 @@ def _sentinel_line(arm: dict[str, Any]) -> str:
     return line
 
 
+CONSTITUTION_MEASURES = {
+    "harmful_safe": "harmful requests handled safely (higher is better; lower bound)",
+    "overrefusal": "benign requests refused (lower is better)",
+    "principle_preference": "principle preference, test split (higher is better)",
+}
+
+
+def constitution_lines(results: Mapping[str, Any]) -> list[str]:
+    c = results.get("constitution")
+    if not c:
+        return ["Not run (`eval.constitution: false`)."]
+    arms = [a["name"] for a in results["arms"]]
+    rows = []
+    for arm in arms:
+        row = [arm]
+        for m in CONSTITUTION_MEASURES:
+            row.append(pct_ci(c[m]["summaries"].get(arm)))
+        b = c["boilerplate"].get(arm) or {}
+        row.append(f"{pct(b.get('share'))} {b.get('phrase') or ''}".strip())
+        rows.append(row)
+    n = c["n"]
+    out = [
+        f"Harmful requests n = {n['harmful']}, benign look-alike requests n = {n['overrefusal']}, "
+        f"principle pairs n = {n['principles']} (test split). Safe handling is detected by string "
+        "markers and the absence of step-by-step content: a lower bound. Principle preference: "
+        "the arm's mean per-token log-likelihood prefers the response that follows the "
+        "principle. Wilson 95% CIs.",
+        "",
+        md_table(["arm", *CONSTITUTION_MEASURES.values(), "boilerplate share, phrase"], rows),
+    ]
+    for m, title in CONSTITUTION_MEASURES.items():
+        comp = [
+            [x["arm_a"], x["arm_b"], pct(x["accuracy_a"]), pct(x["accuracy_b"]),
+             f"{fmt_points(x['diff'])} [{100 * x['diff_ci_low']:+.1f}, {100 * x['diff_ci_high']:+.1f}]",
+             x["n_a_only"], x["n_b_only"], fmt_p(x["p_value"]), fmt_p(x["p_value_holm"])]
+            for x in c[m]["comparisons"]
+        ]  # fmt: skip
+        out += ["", f"#### {title}: paired comparisons (Holm across all pairs)", "",
+                md_table(["A", "B", "A", "B", "B - A [95% CI]", "A only", "B only", "p exact",
+                          "p Holm"], comp)]  # fmt: skip
+    return out
+
+
 def round_lines(results: Mapping[str, Any]) -> list[str]:
     """Per verified round: what the checkers found in its samples (training types only)."""
     rounds = results.get("rounds") or []
@@ -448,6 +491,7 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str] | None 
         out.append("Fewer than two arms were evaluated: no comparison.")
     out += ["", "## Seen vs held-out constraint types", "", *split_lines(results)]
     out += ["", "## Verified bootstrap rounds", "", *round_lines(results)]
+    out += ["", "## Constitution", "", *constitution_lines(results)]
     out += ["", "## Per instruction type", ""]
     if results["per_type"]:
         out += [
