@@ -30,23 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from utils import embedded_models
+from utils.chat_markup import END_OF_TURN_TOKENS as END_OF_TURN_TOKENS
 from utils.provenance import package_versions
 
 TEMPLATE_REMOVED_MARKER = "chat template removed by CleanModelLoader"
 
-# Content of end-of-turn tokens in common chat formats; an EOS equal to one of these means the
-# checkpoint was trained (or configured) to stop at the end of a chat turn.
-END_OF_TURN_TOKENS = frozenset(
-    {
-        "<|im_end|>",
-        "<end_of_turn>",
-        "<|eot_id|>",
-        "<|end|>",
-        "<|eot|>",
-        "<|end_of_turn|>",
-        "<|assistant_end|>",
-    }
-)
+# END_OF_TURN_TOKENS (imported above from the one list in utils/chat_markup.py): content of
+# end-of-turn tokens in common chat formats; an EOS equal to one of these means the checkpoint
+# was trained (or configured) to stop at the end of a chat turn.
 # Names that mark instruction-tuned checkpoints (word-ish boundaries, case-insensitive).
 INSTRUCT_NAME_PATTERN = re.compile(
     r"(instruct|[-_.]chat\b|\bchat[-_.]|[-_.]it\b|[-_.]it[-_.]|rlhf|[-_.]sft\b|[-_.]dpo\b|assistant|tulu|zephyr|vicuna)",

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from utils.chat_markup import find_chat_markup as _find_markup
 from utils.jsonl_io import JsonlError, read_jsonl
 from utils.response_format import INSTRUCTION_HEADER, RESPONSE_HEADER, format_few_shot_prompt
 
@@ -111,22 +112,6 @@ FORMAT_CHECK_IDS: dict[str, str] = {
     "format_highlights": "detectable_format:number_highlighted_sections",
 }
 
-# Chat-template markup of common model families, as plain text. The tokenizer-derived guard in
-# utils.clean_model_loader covers token ids; these pools and completions are text.
-CHAT_MARKUP: tuple[str, ...] = (
-    "<|",
-    "|>",
-    "<start_of_turn>",
-    "<end_of_turn>",
-    "[INST]",
-    "[/INST]",
-    "<<SYS>>",
-    "<</SYS>>",
-    "<s>",
-    "</s>",
-    "<bos>",
-    "<eos>",
-)
 # Role labels and Alpaca-style headers at a line start: chat or dataset scaffolding.
 _ROLE_LABEL = re.compile(
     r"^\s*(?:#+\s*)?(?:user|assistant|system|human|ai|bot|question|answer|q|a|input|output)\s*:",
@@ -149,11 +134,11 @@ _POOL_FIELDS = frozenset({"instruction", "type", "response", "checks"})
 
 
 def find_chat_markup(text: str) -> str | None:
-    """The first chat-template marker in ``text`` (e.g. "<start_of_turn>"), or None."""
-    for marker in CHAT_MARKUP:
-        if marker in text:
-            return marker
-    return None
+    """The earliest chat-template marker in ``text`` (e.g. "<start_of_turn>"), or None: every
+    family of the one list in utils/chat_markup.py plus its loose fragments ("<|", "</s>"),
+    since pools, instructions and constitution texts are plain prose. The tokenizer-derived
+    guard in utils.clean_model_loader covers token ids; these texts are text."""
+    return _find_markup(text, loose=True)
 
 
 def find_scaffolding(text: str) -> str | None:

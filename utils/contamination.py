@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from utils.chat_markup import FAMILIES as CHAT_FAMILIES
 from utils.clean_model_loader import END_OF_TURN_TOKENS, ContaminationError, LoadedModel
 
 VERDICTS = ("clean", "suspicious", "contaminated", "error")  # in increasing severity
@@ -294,6 +295,7 @@ class ChatFormat:
     user_turn: str  # with {prompt}; ends where the assistant's answer starts
     answer_prefix: str  # put before a probe answer ("" or " ")
     markup_tokens: tuple[str, ...]  # must each be ONE token in the vocabulary to probe this
+    # (the family's markers in utils/chat_markup.py, the one list the data scans use too)
 
     def prompt(self, text: str) -> str:
         return apply_template(self.user_turn, text)
@@ -304,20 +306,20 @@ CHAT_FORMATS: tuple[ChatFormat, ...] = (
         "chatml",
         "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
         "",
-        ("<|im_start|>", "<|im_end|>"),
+        CHAT_FAMILIES["chatml"].markers,
     ),
     ChatFormat(
         "gemma",
         "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n",
         "",
-        ("<start_of_turn>", "<end_of_turn>"),
+        CHAT_FAMILIES["gemma"].markers,
     ),
     ChatFormat(
         "llama3",
         "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
         "",
-        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        CHAT_FAMILIES["llama3"].markers,
     ),
     ChatFormat("plain", "User: {prompt}\nAssistant:", " ", ()),
 )

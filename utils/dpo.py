@@ -27,6 +27,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from utils.chat_markup import scan_records_for_chat_markup
 from utils.clean_model_loader import LoadedModel, adapter_hash, attach_adapter
 from utils.jsonl_io import read_jsonl
 from utils.mask_audit import (
@@ -138,6 +139,7 @@ def load_pairs(
     ``rejected`` (format_completion form: a leading space, no EOS; the trainer appends EOS)."""
     path = Path(path)
     records = read_jsonl(path, required=("id", "prompt", "chosen", "rejected"))
+    scan_records_for_chat_markup(records, path, ("prompt", "chosen", "rejected"))
     pairs, seen, below = [], set(), []
     for n, r in enumerate(records, start=1):
         rid = str(r["id"])

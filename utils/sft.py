@@ -32,6 +32,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from utils.chat_markup import scan_records_for_chat_markup
 from utils.clean_model_loader import (
     CleanModelLoader,
     LoadedModel,
@@ -710,6 +711,8 @@ def load_stage1(
     """Stage-1 records as SFT examples, plus the data facts for the manifest."""
     data_path = Path(data_path)
     records = read_jsonl(data_path, required=("id", "instruction", "response"))
+    # Other families' chat markup is plain text to this tokenizer; refuse it before training.
+    scan_records_for_chat_markup(records, data_path, ("instruction", "response"))
     examples = sft_examples(records, where=str(data_path))
     info: dict[str, Any] = {
         "path": str(data_path),
