@@ -54,6 +54,7 @@ Everything except ``process_chunk``/``run_contrastive``/``run_cai`` is pure Pyth
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 from collections import Counter
@@ -240,18 +241,25 @@ def contrastive_prompt_id(constitution: Constitution, cfg: CAIConfig) -> dict[st
     }
 
 
+@functools.cache
+def _eval_prompts() -> tuple[str, ...]:
+    from utils.eval_prompts import build_eval_set
+
+    return tuple(r["prompt"] for r in build_eval_set())
+
+
 def eval_leaks(
     instructions: Sequence[str], threshold: float = EVAL_LEAK_THRESHOLD
 ) -> dict[int, tuple[str, float]]:
     """index -> (evaluation prompt, Jaccard) for each instruction near-duplicating a prompt of
     ``utils.eval_prompts.build_eval_set()`` (the default evaluation set)."""
     from utils.dedup import leakage_check
-    from utils.eval_prompts import build_eval_set
 
     if not instructions:
         return {}
-    prompts = [r["prompt"] for r in build_eval_set()]
-    rep = leakage_check(prompts, list(instructions), threshold, max_examples=len(instructions))
+    rep = leakage_check(
+        list(_eval_prompts()), list(instructions), threshold, max_examples=len(instructions)
+    )
     best = {text: (match, sim) for text, match, sim in rep.examples}
     return {k: best[instructions[k]] for k in rep.leaked_test_indices}
 
