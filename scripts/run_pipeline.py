@@ -6,12 +6,18 @@
 
 Runs preflight, then stage-1 data -> SFT -> preference pairs -> DPO -> evaluation into one run
 directory. Finished stages whose config and inputs are unchanged are skipped; a killed run
-resumes. Ends with the evaluation summary table and the path of the report.
+resumes. A stage counts as done only when its manifest says ok or skipped: a crash stops the
+pipeline with the tail of the stage's stderr and the command to rerun it. One pipeline per run
+directory at a time. Ends with the stage table (skipped stages with their reason), the
+evaluation summary and the path of the report. Exit codes (utils/errors.py): 0 every stage done,
+2 bad input (config, run locked by another pipeline, a stage process of a killed run still
+running), 1 a stage failed or preflight failed, 128 + signal when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import time
@@ -19,8 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config  # noqa: E402
+from utils.config import DEFAULT_CONFIG, REPO_ROOT, load_config  # noqa: E402
+from utils.errors import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    EXIT_CRASH,
+    EXIT_OK,
+    ProjectInputError,
+    as_input_error,
+)
 from utils.pipeline import STAGES, build_stages, run_pipeline  # noqa: E402
+from utils.stage_process import PipelineInterrupted  # noqa: E402
 
 QUICK_CONFIG = REPO_ROOT / "configs" / "quick.yaml"
 
@@ -48,10 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     config_path = args.config or str(QUICK_CONFIG if args.quick else DEFAULT_CONFIG)
     run_dir = Path(args.run or ("runs/quick" if args.quick else "runs/default"))
     try:
-        cfg = load_config(config_path, args.overrides)
-    except ConfigError as e:
+        with as_input_error():  # build_stages checks verified.rounds
+            cfg = load_config(config_path, args.overrides)
+            stages = build_stages(cfg)
+    except ProjectInputError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    unknown = sorted(set(args.only or ()) - {s.name for s in stages})
+    if unknown:
+        print(
+            f"error: --only {unknown}: this recipe's stages are {[s.name for s in stages]}",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     t0 = time.perf_counter()
     if not args.skip_preflight:
         pre = [sys.executable, str(REPO_ROOT / "scripts" / "preflight.py"), "--config", config_path]
@@ -61,34 +84,42 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 "preflight failed; see the table above (or pass --skip-preflight)", file=sys.stderr
             )
-            return 1
+            return EXIT_CRASH
     try:
-        stages = build_stages(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    unknown = sorted(set(args.only or ()) - {s.name for s in stages})
-    if unknown:
-        print(
-            f"error: --only {unknown}: this recipe's stages are {[s.name for s in stages]}",
-            file=sys.stderr,
+        rows = run_pipeline(
+            run_dir, cfg, config_path, args.overrides, stages=stages, only=args.only
         )
-        return 2
-    rows = run_pipeline(run_dir, cfg, config_path, args.overrides, stages=stages, only=args.only)
-    total = time.perf_counter() - t0
-
-    print(f"\n{'stage':<8} {'status':<8} {'seconds':>8}  exit")
-    for r in rows:
-        print(f"{r['stage']:<8} {r['status']:<8} {r['seconds']:>8.1f}  {r['exit_code']}")
-    print(f"{'total':<8} {'':<8} {total:>8.1f}")
-    failed = [r for r in rows if r["failed"]]
+    except ProjectInputError as e:  # the run is locked, or a killed run's stage still runs
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except PipelineInterrupted as e:
+        print(f"\npipeline {e}; the running stage was ended; rerun to resume", file=sys.stderr)
+        return 128 + e.signum
+    print_table(rows, time.perf_counter() - t0)
+    if any(r["failed"] for r in rows):
+        again = shlex.join([sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])])
+        print(f"\na stage failed (see above); rerun the pipeline with:\n  {again}", file=sys.stderr)
+        return EXIT_CRASH
     summary = run_dir / "eval" / "summary.txt"
     if summary.exists():
         print("\n" + summary.read_text())
     report = run_dir / "eval" / "report.md"
     if report.exists():
         print(f"report: {report}")
-    return 1 if failed else 0
+    return EXIT_OK
+
+
+def print_table(rows: list[dict], total: float) -> None:
+    """One line per stage: how it ran, what its manifest says, seconds, exit code, and the
+    reason of a skipped or failed stage."""
+    print(f"\n{'stage':<12} {'run':<10} {'status':<8} {'seconds':>8}  exit  reason")
+    for r in rows:
+        reason = r["reason"] if r["status"] != "ok" and r["reason"] else ""
+        print(
+            f"{r['stage']:<12} {r['run']:<10} {str(r['status']):<8} {r['seconds']:>8.1f}  "
+            f"{r['exit_code']:>4}  {reason}"
+        )
+    print(f"{'total':<12} {'':<10} {'':<8} {total:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """The end-to-end pipeline as data: an ordered list of stages, each a script run in a subprocess.
 
-Every stage writes into ``<run>/<stage>/`` and ends with ``manifest.json``. After a stage
-succeeds the pipeline writes ``<run>/<stage>/pipeline_stamp.json`` with a key hashing the
-config sections the stage reads and the content of its input files. A stage is skipped when its
-stamp matches; a stage without a stamp (killed mid-way) is rerun and resumes by itself; a stage
-whose key changed is moved aside (``<stage>.stale-<time>``, nothing deleted) and rerun.
+Every stage writes into ``<run>/<stage>/`` and ends with ``manifest.json``, whose ``status``
+(ok | skipped | failed; exit codes and statuses in utils/errors.py) decides, not the exit code:
+a stage whose process ended with a new manifest saying ``ok`` (exit 0) or ``skipped`` (nothing
+kept; exit 0 or 3) gets ``<run>/<stage>/pipeline_stamp.json`` with a key hashing the config
+sections the stage reads and the content of its input files; anything else (a crash, bad input,
+a failed gate, no new manifest) stops the pipeline unstamped, with the tail of the stage's
+stderr and the command to rerun it. A stage is skipped when its stamp matches; a stage without
+a stamp (killed mid-way, or failed) is rerun and resumes by itself; a stage whose key changed is
+moved aside (``<stage>.stale-<time>``, nothing deleted) and rerun. One pipeline at a time per
+run directory, each stage in its own process group (utils/stage_process.py).
 
 Adding a stage is one more ``Stage(...)`` entry in ``STAGES`` (the constitutional stages,
 ``cai_pairs`` and ``cai``, were added that way).
@@ -16,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from utils.constitution import cai_dpo_args
+from utils.errors import STATUS_OK, STATUS_SKIPPED
 from utils.jsonl_io import write_json_atomic
 from utils.provenance import config_hash
+from utils.stage_process import (
+    MANIFEST,
+    check_orphan,
+    file_signature,
+    fresh_manifest,
+    judge,
+    pipeline_lock,
+    read_manifest,
+    run_stage_process,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAMP = "pipeline_stamp.json"
@@ -39,7 +55,6 @@ class Stage:
     sections: tuple[str, ...]  # config sections that change this stage's output
     inputs: tuple[str, ...]  # files (relative to the run dir) whose content it reads
     args: Callable[[Path], list[str]]
-    ok_exit_codes: tuple[int, ...] = (0,)
     repo_inputs: tuple[str, ...] = ()  # files of the repository it reads (relative to its root)
 
 
@@ -147,9 +162,8 @@ def build_stages(cfg: dict[str, Any]) -> tuple[Stage, ...]:
             ),
             args=lambda run: ["--run", str(run)],
             repo_inputs=("configs/constitution.yaml",),
-            # Exit 1 = no CAI pair kept (labels within cai.label_margin of 0.5): the CAI DPO
-            # stage records "skipped" and the report lists the cai arm as skipped, with the reason.
-            ok_exit_codes=(0, 1),
+            # No CAI pair kept: manifest "skipped" (exit 3), stamped; the CAI DPO stage records
+            # "skipped" and the report lists the cai arm as skipped, with the reason.
         ),
         Stage(
             "cai",
@@ -211,7 +225,8 @@ def stage_status(stage: Stage, cfg: dict[str, Any], run_dir: Path) -> tuple[str,
     stamp = d / STAMP
     if stamp.exists():
         return ("done" if json.loads(stamp.read_text()).get("key") == key else "stale"), key
-    return ("resume" if d.exists() and any(d.iterdir()) else "new"), key
+    started = d.exists() and any(not p.name.startswith(".") for p in d.iterdir())  # not .stage.pid
+    return ("resume" if started else "new"), key
 
 
 def _aside_path(run_dir: Path, name: str) -> Path:
@@ -232,58 +247,80 @@ def run_pipeline(
     only: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run the stages in order; returns one row per stage (status, seconds, exit code)."""
+    """Run the stages in order under ``<run>/.pipeline.lock``; one row per stage reached:
+    ``run`` (ran | resumed | up-to-date), ``status`` and ``reason`` (from its manifest),
+    ``seconds``, ``exit_code``, ``failed``. The first failed stage ends the run.
+
+    Raises ``PipelineLockedError`` (another pipeline holds the run) and
+    ``StageStillRunningError`` (a stage process of a killed pipeline still runs), both
+    ``ProjectInputError``; ``PipelineInterrupted`` after SIGTERM/SIGINT ended the running stage."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    for stage in stages:
-        if only and stage.name not in only:
-            continue
-        status, key = stage_status(stage, cfg, run_dir)
-        d = run_dir / stage.name
-        if status == "done":
-            log(f"[pipeline] {stage.name}: up to date (inputs and config unchanged), skipped")
-            rows.append(
-                {
-                    "stage": stage.name,
-                    "status": "skipped",
-                    "seconds": 0.0,
-                    "exit_code": 0,
-                    "failed": False,
-                }
-            )
-            continue
-        if status == "stale":
-            aside = _aside_path(run_dir, stage.name)
-            d.rename(aside)
-            log(
-                f"[pipeline] {stage.name}: config or inputs changed; previous output moved to {aside.name}"
-            )
-        elif status == "resume":
-            log(f"[pipeline] {stage.name}: unfinished output found, resuming")
-        cmd = [sys.executable, str(REPO_ROOT / stage.script), "--config", config_path]
-        for o in overrides:
-            cmd += ["--set", o]
-        cmd += stage.args(run_dir)
-        log(f"[pipeline] {stage.name}: {' '.join(cmd[1:])}")
-        t0 = time.perf_counter()
-        rc = subprocess.run(cmd, env=env, cwd=REPO_ROOT).returncode
-        secs = time.perf_counter() - t0
-        rows.append(
-            {
-                "stage": stage.name,
-                "status": "ran" if status != "resume" else "resumed",
-                "seconds": round(secs, 1),
-                "exit_code": rc,
-                "failed": rc not in stage.ok_exit_codes,
-            }
-        )
-        if rc not in stage.ok_exit_codes:
-            log(
-                f"[pipeline] {stage.name} failed with exit code {rc}; fix the cause and rerun (finished stages are kept)"
-            )
-            break
-        write_json_atomic(
-            d / STAMP, {"key": key, "seconds": round(secs, 1), "finished_unix": round(time.time())}
-        )
+    rows: list[dict[str, Any]] = []
+    with pipeline_lock(run_dir):
+        for stage in stages:  # before anything runs: no second writer in any stage folder
+            check_orphan(stage.name, run_dir / stage.name, log)
+        for stage in stages:
+            if only and stage.name not in only:
+                continue
+            rows.append(_run_stage(stage, run_dir, cfg, config_path, overrides, log))
+            if rows[-1]["failed"]:
+                break
     return rows
+
+
+def stage_command(
+    stage: Stage, run_dir: Path, config_path: str, overrides: Sequence[str]
+) -> list[str]:
+    cmd = [sys.executable, str(REPO_ROOT / stage.script), "--config", config_path]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd + stage.args(run_dir)
+
+
+def _run_stage(
+    stage: Stage,
+    run_dir: Path,
+    cfg: dict[str, Any],
+    config_path: str,
+    overrides: Sequence[str],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    status, key = stage_status(stage, cfg, run_dir)
+    d = run_dir / stage.name
+    if status == "done":
+        m = read_manifest(d) or {}
+        log(f"[pipeline] {stage.name}: up to date (inputs and config unchanged), skipped")
+        return {"stage": stage.name, "run": "up-to-date", "status": m.get("status", STATUS_OK),
+                "reason": m.get("reason"), "seconds": 0.0, "exit_code": 0, "failed": False}  # fmt: skip
+    if status == "stale":
+        aside = _aside_path(run_dir, stage.name)
+        d.rename(aside)
+        log(
+            f"[pipeline] {stage.name}: config or inputs changed; previous output moved to {aside.name}"
+        )
+    elif status == "resume":
+        log(f"[pipeline] {stage.name}: unfinished output found, resuming")
+    cmd = stage_command(stage, run_dir, config_path, overrides)
+    log(f"[pipeline] {stage.name}: {' '.join(cmd[1:])}")
+    before = file_signature(d / MANIFEST)
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = run_stage_process(d, cmd, env, REPO_ROOT)
+    secs = round(time.perf_counter() - t0, 1)
+    manifest = fresh_manifest(d, before)
+    problem = judge(proc.returncode, manifest)
+    row = {"stage": stage.name, "run": "resumed" if status == "resume" else "ran",
+           "status": (manifest or {}).get("status"), "reason": (manifest or {}).get("reason"),
+           "seconds": secs, "exit_code": proc.returncode, "failed": problem is not None}  # fmt: skip
+    if problem is not None:
+        log(f"[pipeline] {stage.name} FAILED ({problem}); not stamped, the pipeline stops.")
+        if proc.stderr_tail:
+            log(f"[pipeline] last lines of its stderr:\n{proc.stderr_tail}")
+        rerun = f"cd {shlex.quote(str(REPO_ROOT))} && PYTHONPATH=. {shlex.join(cmd)}"
+        log(f"[pipeline] fix the cause, then rerun the stage alone:\n  {rerun}\n"
+            "or rerun the pipeline (finished stages are kept)")  # fmt: skip
+        return row
+    if row["status"] == STATUS_SKIPPED:
+        log(f"[pipeline] {stage.name}: skipped by the stage ({row['reason']})")
+    write_json_atomic(d / STAMP, {"key": key, "seconds": secs, "finished_unix": round(time.time())})
+    return row

@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from utils.errors import STATUS_OK, STATUSES
 from utils.jsonl_io import write_json_atomic
 
 TRACKED_PACKAGES = (
@@ -52,11 +53,24 @@ def config_hash(obj: Any) -> str:
 
 
 def write_manifest(
-    path: str | Path, *, stage: str, config: dict[str, Any], **fields: Any
+    path: str | Path,
+    *,
+    stage: str,
+    config: dict[str, Any] | None,
+    status: str = STATUS_OK,
+    reason: str | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
-    """Write ``manifest.json`` for a stage's output: enough to reproduce the run from it alone."""
+    """Write ``manifest.json`` for a stage's output: enough to reproduce the run from it alone.
+
+    ``status`` is what the pipeline reads (utils/errors.py): ``ok``, ``skipped`` (nothing kept,
+    ``reason`` says why) or ``failed`` (``reason`` says what)."""
+    if status not in STATUSES:
+        raise ValueError(f"manifest status must be one of {STATUSES}, got {status!r}")
     manifest = {
         "stage": stage,
+        "status": status,
+        "reason": reason,
         "created_unix": round(time.time(), 3),
         "git": git_commit(),
         "package_versions": package_versions(),
