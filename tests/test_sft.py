@@ -216,12 +216,24 @@ def test_truncate_log_drops_rows_past_the_checkpoint(tmp_path):
     assert truncate_log(tmp_path / "absent.jsonl", 2) == 0
 
 
+def write_complete_checkpoint_files(ckpt: Path) -> None:
+    """The weights, optimizer and scheduler files a resumable checkpoint needs besides its
+    trainer_state.json (utils/checkpoints.checkpoint_problem)."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_A.weight": torch.zeros(2, 2)}, str(ckpt / "adapter_model.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, ckpt / "optimizer.pt")
+    torch.save({"last_epoch": 3}, ckpt / "scheduler.pt")
+
+
 def test_resume_refuses_checkpoints_of_another_run(tmp_path):
     d = tmp_path / "ckpt"
     key = {"data_sha256": "a", "lora": [16, 32]}
     assert prepare_resume(d, key, fresh=False, is_main=True) is None
     (d / "checkpoint-3").mkdir()
     (d / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    write_complete_checkpoint_files(d / "checkpoint-3")  # else moved aside (tests/test_faults.py)
     assert prepare_resume(d, key, fresh=False, is_main=True) == d / "checkpoint-3"
     with pytest.raises(ResumeMismatchError, match=r"changed: \['data_sha256'\]"):
         prepare_resume(d, {**key, "data_sha256": "b"}, fresh=False, is_main=True)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from utils import stats
+from utils.adapter_shapes import BaseShapes, adapter_shape_problem
 from utils.clean_model_loader import (
     ADAPTER_MANIFEST,
     CleanModelLoader,
@@ -314,6 +315,26 @@ def check_adapter_base(adapter_dir: Path, base_weights_sha256: str) -> None:
             f"(weights {str(want)[:12]}...), but the evaluated base has weights "
             f"{base_weights_sha256[:12]}...; set model.name to the run's base model"
         )
+
+
+def check_adapters(specs: Sequence[ArmSpec], session: ModelSession) -> None:
+    """Every adapter arm against the base BEFORE any generation: the manifest's base weights
+    hash, then every LoRA tensor's shape against the base's config and weight shapes (headers
+    only, utils/adapter_shapes.py), so a copied manifest on another model's adapter fails here."""
+    dirs = [spec.adapter_dir for spec in specs if spec.adapter_dir is not None]
+    if not dirs:
+        return
+    base_sha = session.weights_sha256()
+    _display, local = resolve_model(session.spec.name)
+    if local is not None:
+        base = BaseShapes.from_dir(local)
+    else:
+        base = BaseShapes.from_model(session.load().model, session.spec.name)
+    for adapter_dir in dirs:
+        check_adapter_base(adapter_dir, base_sha)
+        problem = adapter_shape_problem(adapter_dir, base)
+        if problem:
+            raise EvalInputError(problem)
 
 
 def arm_prompt(
@@ -1107,6 +1128,7 @@ def run_evaluation(
     leaked = set(leakage["ids"]) if config.exclude_leaked else set()
     headline = [r for r in records if r["id"] not in leaked]
     session = ModelSession(model, log=log)
+    check_adapters(specs, session)  # before any generation (the ICL choice generates too)
     icl_choice = None
     demos, preamble = icl_examples()[: config.icl_k], ""
     if config.icl_candidates and "base_icl" in [s.name for s in specs]:
@@ -1129,10 +1151,6 @@ def run_evaluation(
         f"eval set: {len(records)} prompts (sha256 {ctx.pset_sha[:12]}), leakage "
         f"{leakage.get('n_leaked', 'not checked')}, headline n={len(headline)}"
     )
-    for spec in specs:  # fail before hours of generation, not after
-        if spec.adapter_dir is not None:
-            check_adapter_base(spec.adapter_dir, ctx.base_sha)
-
     arm_results: list[dict[str, Any]] = []
     generations: dict[str, dict[str, dict]] = {}
     for spec in specs:

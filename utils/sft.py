@@ -33,6 +33,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from utils.chat_markup import scan_records_for_chat_markup
+from utils.checkpoints import flag_unchanged_adapter, last_complete_checkpoint
 from utils.clean_model_loader import (
     CleanModelLoader,
     LoadedModel,
@@ -330,14 +331,10 @@ def truncate_log(path: str | Path, max_step: int) -> int:
     return len(rows) - len(keep)
 
 
-def last_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    d = Path(checkpoint_dir)
-    if not d.is_dir():
-        return None
-    found = get_last_checkpoint(str(d))
-    return Path(found) if found else None
+def last_checkpoint(checkpoint_dir: str | Path, move_incomplete: bool = False) -> Path | None:
+    """The newest COMPLETE checkpoint; newer half-written ones are moved aside when
+    ``move_incomplete`` (utils/checkpoints.py says what complete means)."""
+    return last_complete_checkpoint(checkpoint_dir, move_incomplete)
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -364,7 +361,7 @@ def prepare_resume(
             )
     elif is_main:
         write_json_atomic(key_file, run_key)
-    return last_checkpoint(d)
+    return last_checkpoint(d, move_incomplete=is_main)
 
 
 def save_adapter(trainer: Any, adapter_dir: str | Path, lm: LoadedModel, extra: dict) -> dict:
@@ -382,7 +379,10 @@ def save_adapter(trainer: Any, adapter_dir: str | Path, lm: LoadedModel, extra: 
         )
     if trainer.is_world_process_zero():
         write_adapter_manifest(adapter_dir, lm, extra)
-        return {"path": str(adapter_dir), "sha256": adapter_hash(adapter_dir)}
+        # the starting point: DPO's parent (SFT) adapter, else LoRA's init (every lora_B zero)
+        unchanged = flag_unchanged_adapter(adapter_dir, extra.get("parent_adapter"), extra["stage"])
+        return {"path": str(adapter_dir), "sha256": adapter_hash(adapter_dir),
+                "adapter_unchanged": unchanged}  # fmt: skip
     return {"path": str(adapter_dir)}
 
 
