@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.config import DEFAULT_CONFIG, REPO_ROOT, load_config  # noqa: E402
+from utils.config_validation import check_config  # noqa: E402
 from utils.errors import (  # noqa: E402
     EXIT_BAD_INPUT,
     EXIT_CRASH,
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with as_input_error():  # build_stages checks verified.rounds
             cfg = load_config(config_path, args.overrides)
+            check_config(cfg)  # every section, every bad key at once, before any stage runs
             stages = build_stages(cfg)
     except ProjectInputError as e:
         print(f"error: {e}", file=sys.stderr)
