@@ -124,7 +124,7 @@ def test_load_pairs_validates_the_shared_format(tmp_path):
     write_jsonl_atomic(p, [pair(0), pair(1), pair(2)])
     pairs, info = load_pairs(p)
     assert [x["id"] for x in pairs] == ["p0", "p1", "p2"] and info["n_records"] == 3
-    assert set(pairs[0]) == {"id", "prompt", "chosen", "rejected"}
+    assert set(pairs[0]) == {"id", "prompt", "chosen", "rejected", "soft_label"}
     kept, info = load_pairs(p, min_margin=0.15)  # margins 0.0, 0.1, 0.2
     assert [x["id"] for x in kept] == ["p2"] and info["n_below_min_margin"] == 2
     bad = {

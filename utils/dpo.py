@@ -12,7 +12,9 @@ costs a full copy of the model.
 What this module adds to TRL: pair loading/validation in the shared format, the mask audit of
 the tokenised pairs, ``dpo_log.jsonl`` with rewards, margins and the chosen log-prob trend per
 logging step, and a warning when the chosen responses' log-probs fall during training (trl #800:
-DPO can raise the margin by pushing both responses down, which degrades the chosen outputs).
+DPO can raise the margin by pushing both responses down, which degrades the chosen outputs),
+per-pair soft labels in the sigmoid loss (``dpo.soft_labels``, utils/dpo_loss.py) and an optional
+SFT term on the chosen responses (``loss_type: [sigmoid, sft]`` with ``loss_weights``).
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ class DPOStageConfig:
     """The ``dpo`` section of the YAML recipe. Defaults are the CPU recipe (Gemma-3-270M)."""
 
     beta: float = 0.1
-    loss_type: str | list[str] = "sigmoid"
+    loss_type: str | list[str] = "sigmoid"  # both recipes: [sigmoid, sft] (configs/*.yaml)
+    loss_weights: list[float] | None = None  # one per loss_type; None = 1.0 each (TRL)
+    soft_labels: bool = True  # smooth the sigmoid loss per pair: eps_i = 1 - soft_label_i
     learning_rate: float = 2e-5  # LoRA DPO; TRL's 1e-6 default is for full fine-tuning
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.05
@@ -113,6 +117,18 @@ class DPOStageConfig:
         bad = [x for x in losses if x not in DPO_LOSS_TYPES]
         if not losses or bad:
             raise ValueError(f"dpo.loss_type {bad or losses} unknown; choose from {DPO_LOSS_TYPES}")
+        w = self.loss_weights
+        if w is not None and (
+            not isinstance(w, list)
+            or len(w) != len(losses)
+            or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in w)
+        ):
+            raise ValueError(f"dpo.loss_weights {w!r}: one number >= 0 per loss_type {losses}")
+        if self.soft_labels and "sigmoid" not in losses:
+            raise ValueError(
+                f"dpo.soft_labels smooths the sigmoid loss; loss_type {losses} has none "
+                "(set dpo.soft_labels=false)"
+            )
         if not 0.0 <= self.dev_fraction < 1.0:
             raise ValueError("dpo.dev_fraction must be in [0, 1)")
         if self.max_length <= 8:
@@ -136,11 +152,12 @@ def load_pairs(
     """Preference pairs in the shared format, validated, plus data facts for the manifest.
 
     Each record needs ``id``, ``prompt`` (= format_prompt(instruction)), ``chosen`` and
-    ``rejected`` (format_completion form: a leading space, no EOS; the trainer appends EOS)."""
+    ``rejected`` (format_completion form: a leading space, no EOS; the trainer appends EOS), and
+    may carry ``soft_label`` = P(chosen is better) in [0.5, 1]; without one it is 1.0 (counted)."""
     path = Path(path)
     records = read_jsonl(path, required=("id", "prompt", "chosen", "rejected"))
     scan_records_for_chat_markup(records, path, ("prompt", "chosen", "rejected"))
-    pairs, seen, below = [], set(), []
+    pairs, seen, below, no_label = [], set(), [], 0
     for n, r in enumerate(records, start=1):
         rid = str(r["id"])
         where = f"{path}:{n} (id {rid!r})"
@@ -163,6 +180,11 @@ def load_pairs(
                 )
         if c == j:
             raise ValueError(f"{where}: chosen and rejected are identical")
+        soft = r.get("soft_label")
+        no_label += soft is None
+        soft = 1.0 if soft is None else soft
+        if isinstance(soft, bool) or not isinstance(soft, (int, float)) or not 0.5 <= soft <= 1:
+            raise ValueError(f"{where}: soft_label must be a number in [0.5, 1], got {soft!r}")
         if min_margin is not None:
             m = r.get("margin")
             if m is None:
@@ -170,7 +192,9 @@ def load_pairs(
             if float(m) < min_margin:
                 below.append(rid)
                 continue
-        pairs.append({"id": rid, "prompt": p, "chosen": c, "rejected": j})
+        pairs.append(
+            {"id": rid, "prompt": p, "chosen": c, "rejected": j, "soft_label": float(soft)}
+        )
     if not pairs:
         raise ValueError(f"{path}: no usable pairs ({len(below)} below min_margin)")
     info = {
@@ -178,6 +202,7 @@ def load_pairs(
         "sha256": file_sha256(path),
         "n_records": len(records),
         "n_below_min_margin": len(below),
+        "n_without_soft_label": no_label,
     }
     return pairs, info
 
@@ -287,6 +312,7 @@ def dpo_args_kwargs(cfg: DPOStageConfig, out_dir: str | Path, has_dev: bool, use
         "output_dir": str(Path(out_dir) / CHECKPOINT_SUBDIR),
         "beta": cfg.beta,
         "loss_type": [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type),
+        "loss_weights": None if cfg.loss_weights is None else [float(x) for x in cfg.loss_weights],
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "per_device_eval_batch_size": cfg.per_device_eval_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -371,14 +397,16 @@ def build_dpo_trainer(
     from datasets import Dataset
     from trl import DPOTrainer
 
+    from utils.dpo_loss import SoftLabelDPOTrainer
+
     if cfg.attn_implementation:
         lm.model.set_attn_implementation(cfg.attn_implementation)
     if not dev and str(args.eval_strategy) != "no":
         from transformers.trainer_utils import IntervalStrategy
 
         args.eval_strategy = IntervalStrategy.NO
-    keep = ("id", "prompt", "chosen", "rejected")
-    trainer = DPOTrainer(
+    keep = ("id", "prompt", "chosen", "rejected") + (("soft_label",) if cfg.soft_labels else ())
+    trainer = (SoftLabelDPOTrainer if cfg.soft_labels else DPOTrainer)(
         model=lm.model,
         ref_model=None,  # reference = TRL's frozen copy of the SFT adapter ("ref")
         args=args,
@@ -484,6 +512,8 @@ def run_dpo(
         "sft_adapter_sha256": sft_hash,
         "beta": cfg.beta,
         "loss_type": cfg.loss_type,
+        "loss_weights": cfg.loss_weights,
+        "soft_labels": cfg.soft_labels,
         "seed": cfg.seed,
         "train_ids_sha256": config_hash(sorted(e["id"] for e in train)),
     }
@@ -516,6 +546,8 @@ def run_dpo(
             "parent_adapter_sha256": sft_hash,
             "beta": cfg.beta,
             "loss_type": cfg.loss_type,
+            "loss_weights": cfg.loss_weights,
+            "soft_labels": cfg.soft_labels,
             "global_step": trainer.state.global_step,
         },
     )
