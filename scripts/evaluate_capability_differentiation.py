@@ -6,8 +6,8 @@
 
 Writes <run>/eval/results.json, report.md, accuracy.png, per_type_heatmap.png, manifest.json
 and the per-arm generation caches under <run>/eval/cache/ (a rerun of finished arms is instant,
-an interrupted one resumes). Exit 0 when the evaluation completed, whatever the result;
-2 on bad input.
+an interrupted one resumes). Exit codes (utils/errors.py): 0 when the evaluation completed,
+whatever the result; 2 bad input; 1 a crash (traceback printed, manifest ``failed``).
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.config import ConfigError, add_config_args, apply_overrides, load_config  # noqa: E402
-from utils.constraint_library import SplitError, constraints_from_config  # noqa: E402
+from utils.config import add_config_args, apply_overrides, load_config  # noqa: E402
+from utils.constraint_library import constraints_from_config  # noqa: E402
+from utils.errors import EXIT_OK, as_input_error  # noqa: E402
 from utils.evaluation import (  # noqa: E402
     EvalConfig,
-    EvalInputError,
     ModelSpec,
     parse_adapter_args,
     parse_arm_list,
     run_evaluation,
 )
-from utils.jsonl_io import JsonlError  # noqa: E402
 from utils.provenance import write_manifest  # noqa: E402
 from utils.report import summary_table, write_report  # noqa: E402
+from utils.run_context import stage_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,22 +65,20 @@ def build_configs(args: argparse.Namespace) -> tuple[dict, EvalConfig, ModelSpec
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg, eval_config, model = build_configs(args)  # ValueError here is a bad config value
-        adapters = parse_adapter_args(args.adapter)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     out_dir = Path(args.out) if args.out else Path(args.run) / "eval"
-    try:
+    return stage_main("eval", out_dir, lambda: run_stage(args, out_dir))
+
+
+def run_stage(args: argparse.Namespace, out_dir: Path) -> int:
+    with as_input_error():  # config values, arm and adapter options, the constraint split
+        cfg, eval_config, model = build_configs(args)
+        adapters = parse_adapter_args(args.adapter)
         split = constraints_from_config(cfg["constraints"])[0] if cfg.get("constraints") else None
-        results = run_evaluation(
-            args.run, eval_config, model, adapters, out_dir=out_dir,
-            held_out=split.held_out if split else None,
-        )  # fmt: skip
-    except (EvalInputError, JsonlError, FileNotFoundError, SplitError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # run_evaluation raises EvalInputError (a ProjectInputError) on bad input before generating.
+    results = run_evaluation(
+        args.run, eval_config, model, adapters, out_dir=out_dir,
+        held_out=split.held_out if split else None,
+    )  # fmt: skip
     paths = write_report(results, out_dir)
     write_manifest(
         out_dir / "manifest.json",
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(summary_table(results))
     print(f"\nreport: {paths['report']}\nresults: {paths['results']}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Reads runs/<run>/stage1/train.jsonl and the policy adapter (``cai.policy``: auto
 adapter when stage 4 trained one, else runs/<run>/sft/adapter); writes
 <out>/{records,pairs}.jsonl and manifest.json (default <out>: runs/<run>/cai_pairs). The run
 config's ``cai`` section is optional (CAIConfig defaults when absent). Rerunning after a kill
-resumes with no duplicate. Exit 0 ok, 1 when no pair was kept, 2 bad input (the message names
-the file, line or principle, and field).
+resumes with no duplicate. Exit codes (utils/errors.py): 0 ok, 3 no pair kept (manifest
+``skipped`` with the drop counts: the CAI DPO stage records a skip and the report lists the cai arm
+as skipped), 2 bad input (the message names the file, line or principle, and field), 1 a crash.
 """
 
 from __future__ import annotations
@@ -25,13 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.clean_model_loader import (  # noqa: E402
-    AdapterMismatchError,
-    ContaminationError,
-    adapter_hash,
-    attach_adapter,
-)
-from utils.config import ConfigError, add_config_args, section  # noqa: E402
+from utils.clean_model_loader import adapter_hash, attach_adapter  # noqa: E402
+from utils.config import add_config_args, section  # noqa: E402
 from utils.constitution import (  # noqa: E402
     DEFAULT_CONSTITUTION,
     CAIConfig,
@@ -40,9 +36,9 @@ from utils.constitution import (  # noqa: E402
 )
 from utils.constitution_contrastive import print_contrastive_summary, run_cai  # noqa: E402
 from utils.critic import print_summary_table  # noqa: E402
-from utils.jsonl_io import JsonlError  # noqa: E402
+from utils.errors import EXIT_OK, ProjectInputError, as_input_error  # noqa: E402
 from utils.preference_pairs import load_training_instructions  # noqa: E402
-from utils.run_context import StageRun  # noqa: E402
+from utils.run_context import StageRun, stage_main  # noqa: E402
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:
@@ -81,51 +77,35 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.run) / "cai_pairs"
+    return stage_main("cai_pairs", out, lambda: run_stage(args, out))
+
+
+def run_stage(args: argparse.Namespace, out: Path) -> int:
     run_dir = Path(args.run)
     # The constrained instructions: format-stating tasks (which could carry a held-out type) are
     # already dropped there; a run made before constraint augmentation falls back to train.jsonl.
     train_path = run_dir / "stage1" / "constrained.jsonl"
     if not train_path.exists():
         train_path = run_dir / "stage1" / "train.jsonl"
-    adapter_dir = None
-    try:
-        run = StageRun.start(
-            "cai_pairs", args.config, args.overrides, args.out or run_dir / "cai_pairs"
-        )
+    run = StageRun.start("cai_pairs", args.config, args.overrides, out)
+    with as_input_error():  # config values, the constitution, the instructions, the policy
         cfg = CAIConfig.from_dict(section(run.cfg, "cai") if "cai" in run.cfg else {})
         constitution = load_constitution(args.constitution)
         records = load_training_instructions(train_path)
-        if not records:
-            raise ValueError(f"{train_path}: no training instructions")
         policy_name, adapter_dir = resolve_policy(run_dir, cfg.policy)
-        policy = {
-            "name": policy_name,
-            "adapter": None if adapter_dir is None else str(adapter_dir),
-            "adapter_sha256": None if adapter_dir is None else adapter_hash(adapter_dir),
-        }
-        lm = run.load_model()
-        if adapter_dir is not None:
-            attach_adapter(lm, adapter_dir)
-        summary = run_cai(
-            lm, records, cfg, constitution, run.out_dir, policy, progress=not args.no_progress
-        )
-    except (
-        ConfigError, JsonlError, ValueError, FileNotFoundError, AdapterMismatchError,
-        ContaminationError,
-    ) as e:  # fmt: skip
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    run.finish(
-        inputs={
-            "train": str(train_path),
-            "constitution": str(args.constitution),
-            "constitution_sha256": constitution.sha256,
-            "policy": policy_name,
-            "policy_adapter": policy["adapter"],
-            "policy_adapter_sha256": policy["adapter_sha256"],
-        },
-        cai_config=cfg.to_dict(),
-        **summary,
+    if not records:
+        raise ProjectInputError(f"{train_path}: no training instructions")
+    policy = {
+        "name": policy_name,
+        "adapter": None if adapter_dir is None else str(adapter_dir),
+        "adapter_sha256": None if adapter_dir is None else adapter_hash(adapter_dir),
+    }
+    lm = run.load_model()
+    if adapter_dir is not None:
+        attach_adapter(lm, adapter_dir)
+    summary = run_cai(
+        lm, records, cfg, constitution, run.out_dir, policy, progress=not args.no_progress
     )
     if summary["mode"] == "revise":
         print_summary(summary, run.out_dir)
@@ -135,7 +115,24 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(summary["revise"], run.out_dir / "revise")
         print_contrastive_summary(summary["contrastive"], run.out_dir / "contrastive")
         print(f"wrote {run.out_dir / 'pairs.jsonl'} ({summary['counts']['pairs_kept']} pairs)")
-    return 0 if summary["counts"]["pairs_kept"] > 0 else 1
+    fields = {
+        "inputs": {
+            "train": str(train_path),
+            "constitution": str(args.constitution),
+            "constitution_sha256": constitution.sha256,
+            "policy": policy_name,
+            "policy_adapter": policy["adapter"],
+            "policy_adapter_sha256": policy["adapter_sha256"],
+        },
+        "cai_config": cfg.to_dict(),
+        **summary,
+    }
+    c = summary["counts"]
+    if c["pairs_kept"] == 0:
+        dropped = ", ".join(f"{k} {n}" for k, n in c["pairs_dropped"].items() if n)
+        return run.skip(f"no CAI pair kept ({dropped or 'nothing judged'})", **fields)
+    run.finish(**fields)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

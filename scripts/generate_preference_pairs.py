@@ -5,8 +5,8 @@
 
 Reads runs/<run>/stage1/train.jsonl and the SFT adapter runs/<run>/sft/adapter (when the
 ``sft`` source is configured); writes runs/<run>/pairs/{pairs,judgements}.jsonl and
-manifest.json. Rerunning after a kill resumes with no duplicate. Exit 0 ok, 1 when no pair was
-kept, 2 bad input.
+manifest.json. Rerunning after a kill resumes with no duplicate. Exit codes (utils/errors.py):
+0 ok, 3 no pair kept (manifest ``skipped`` with the drop counts), 2 bad input, 1 a crash.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.clean_model_loader import (  # noqa: E402
-    AdapterMismatchError,
-    adapter_hash,
-    attach_adapter,
-)
-from utils.config import ConfigError, add_config_args, section  # noqa: E402
+from utils.clean_model_loader import adapter_hash, attach_adapter  # noqa: E402
+from utils.config import add_config_args, section  # noqa: E402
 from utils.critic import CriticConfig, judge_prompt_id, print_summary_table  # noqa: E402
-from utils.jsonl_io import JsonlError  # noqa: E402
+from utils.errors import EXIT_OK, InputMissingError, ProjectInputError, as_input_error  # noqa: E402
 from utils.preference_pairs import (  # noqa: E402
     PairsConfig,
     load_training_instructions,
     run_preference_pairs,
 )
-from utils.run_context import StageRun  # noqa: E402
+from utils.run_context import StageRun, stage_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,40 +38,53 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: <run>/pairs)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.run) / "pairs"
+    return stage_main("pairs", out, lambda: run_stage(args, out))
+
+
+def run_stage(args: argparse.Namespace, out: Path) -> int:
     run_dir = Path(args.run)
     train_path = run_dir / "stage1" / "train.jsonl"
     adapter_dir = run_dir / "sft" / "adapter"
-    try:
-        run = StageRun.start("pairs", args.config, args.overrides, args.out or run_dir / "pairs")
+    run = StageRun.start("pairs", args.config, args.overrides, out)
+    with as_input_error():  # config values and the instructions file
         cfg = PairsConfig.from_dict(section(run.cfg, "pairs"))
         critic = CriticConfig.from_dict(section(run.cfg, "critic"))
         records = load_training_instructions(train_path)
-        if not records:
-            raise ValueError(f"{train_path}: no training instructions")
-        use_sft = "sft" in cfg.candidate_sources
-        if use_sft and not adapter_dir.is_dir():
-            raise FileNotFoundError(f"{adapter_dir}: no SFT adapter (needed by source 'sft')")
-        lm = run.load_model()
-        if use_sft:
-            attach_adapter(lm, adapter_dir)
-        summary = run_preference_pairs(
-            lm, records, cfg, critic, run.out_dir, progress=not args.no_progress
-        )
-    except (ConfigError, JsonlError, ValueError, FileNotFoundError, AdapterMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    run.finish(
-        inputs={
+    if not records:
+        raise ProjectInputError(f"{train_path}: no training instructions")
+    use_sft = "sft" in cfg.candidate_sources
+    if use_sft and not adapter_dir.is_dir():
+        raise InputMissingError(f"{adapter_dir}: no SFT adapter (needed by source 'sft')")
+    lm = run.load_model()
+    if use_sft:
+        attach_adapter(lm, adapter_dir)
+    summary = run_preference_pairs(
+        lm, records, cfg, critic, run.out_dir, progress=not args.no_progress
+    )
+    print_summary(summary, run.out_dir)
+    fields = {
+        "inputs": {
             "train": str(train_path),
             "adapter": str(adapter_dir) if use_sft else None,
             "adapter_sha256": adapter_hash(adapter_dir) if use_sft else None,
         },
-        pairs_config=cfg.to_dict(),
-        critic_config=critic.to_dict(),
-        judge_prompt=judge_prompt_id(critic),
+        "pairs_config": cfg.to_dict(),
+        "critic_config": critic.to_dict(),
+        "judge_prompt": judge_prompt_id(critic),
         **summary,
-    )
+    }
+    c = summary["counts"]
+    if c["pairs_kept"] == 0:
+        dropped = ", ".join(f"{k} {n}" for k, n in c["pairs_dropped"].items() if n)
+        return run.skip(
+            f"no preference pair kept ({dropped or 'no comparable candidates'})", **fields
+        )
+    run.finish(**fields)
+    return EXIT_OK
 
+
+def print_summary(summary: dict, out_dir: Path) -> None:
     c = summary["counts"]
     rows = [
         ("instructions", c["instructions"]),
@@ -98,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     print_summary_table("preference pairs summary", rows, c["soft_label_histogram_kept"])
-    print(f"\nwrote {run.out_dir / 'pairs.jsonl'}")
-    return 0 if c["pairs_kept"] > 0 else 1
+    print(f"\nwrote {out_dir / 'pairs.jsonl'}")
 
 
 if __name__ == "__main__":

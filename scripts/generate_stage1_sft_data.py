@@ -5,8 +5,8 @@
     python scripts/generate_stage1_sft_data.py --set stage1.n_train=50 --set stage1.use_critic=false
 
 Writes train.jsonl, test_instructions.jsonl, instructions.jsonl, rejected_*.jsonl, qc.json and
-manifest.json into --out. Rerunning after a kill resumes. Exit 0 ok, 1 a QC gate failed, 2 bad
-input.
+manifest.json into --out. Rerunning after a kill resumes. Exit codes (utils/errors.py): 0 ok,
+2 bad input, 3 a QC gate failed (manifest ``failed``), 1 a crash.
 """
 
 from __future__ import annotations
@@ -19,16 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.config import ConfigError, add_config_args, section  # noqa: E402
+from utils.config import add_config_args, section  # noqa: E402
 from utils.constraint_library import constraints_from_config  # noqa: E402
 from utils.critic import CriticConfig  # noqa: E402
-from utils.jsonl_io import (  # noqa: E402
-    JsonlError,
-    read_jsonl,
-    write_json_atomic,
-    write_jsonl_atomic,
-)
-from utils.run_context import StageRun  # noqa: E402
+from utils.errors import EXIT_OK, as_input_error  # noqa: E402
+from utils.jsonl_io import read_jsonl, write_json_atomic, write_jsonl_atomic  # noqa: E402
+from utils.run_context import StageRun, stage_main  # noqa: E402
 from utils.stage1 import Stage1Config, run_stage1  # noqa: E402
 from utils.verified_sampling import constrain_tasks  # noqa: E402
 
@@ -43,18 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        run = StageRun.start("stage1", args.config, args.overrides, args.out)
+    return stage_main("stage1", args.out, lambda: run_stage(args))
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    run = StageRun.start("stage1", args.config, args.overrides, args.out)
+    with as_input_error():
         cfg = Stage1Config.from_dict(section(run.cfg, "stage1"))
         critic_cfg = CriticConfig.from_dict(run.cfg.get("critic"))
         split, mix, cseed = constraints_from_config(run.cfg.get("constraints"))
-        lm = run.load_model()
-        summary = run_stage1(
-            lm, cfg, run.out_dir, progress=not args.no_progress, critic_cfg=critic_cfg
-        )
-    except (ConfigError, JsonlError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    lm = run.load_model()
+    summary = run_stage1(lm, cfg, run.out_dir, progress=not args.no_progress, critic_cfg=critic_cfg)
     write_json_atomic(run.out_dir / "qc.json", {"qc": summary["qc"], "gates": summary["gates"]})
     # Constraint augmentation (TRAIN types only): the instructions the verified stage samples.
     constrained, dropped = constrain_tasks(
@@ -68,8 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         "dropped": dropped,
         "n_constraints": dict(Counter(len(r["instruction_ids"]) for r in constrained)),
     }
-    run.finish(**{k: v for k, v in summary.items() if k != "config"})
+    print_summary(summary, run.out_dir)
+    fields = {k: v for k, v in summary.items() if k != "config"}
+    if summary["gates_passed"]:
+        run.finish(**fields)
+        return EXIT_OK
+    verdict = summary["gate_report_text"].strip().splitlines()[-1]
+    return run.fail_gate(f"stage-1 quality gate failed: {verdict}", **fields)
 
+
+def print_summary(summary: dict, out_dir: Path) -> None:
     c, qc = summary["counts"], summary["qc"]
     print("\nstage 1 summary")
     rows = [
@@ -93,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:<34} {v}")
     print("  instruction rejections:", json.dumps(c["instruction_rejections"]))
     print(summary["gate_report_text"])
-    print(f"\nwrote {run.out_dir}")
-    return 0 if summary["gates_passed"] else 1
+    print(f"\nwrote {out_dir}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@
 
 Prints a table (sentinel, score, followed?, sample output), the static checks, the weight
 probe and the verdict; writes the JSON result (--json) and <out>/result.json + manifest.json.
-Exit codes: 0 clean, 1 contaminated OR suspicious (fails closed: a result from a model that
-might be a chat model is worthless), 2 error (bad input, a broken static check, a crash).
+Exit codes (utils/errors.py): 0 clean; 3 contaminated, suspicious or a check that cannot fire
+(fails closed: a result from a model that might be a chat model is worthless); 2 bad input (a
+config value, a missing or refused model); 1 a crash (traceback printed, never a clean verdict).
 With --report: 0 when every positive control is flagged and every negative control is clean
-on greedy and sampled decoding, 1 otherwise. All logic is in utils/contamination.py.
+on greedy and sampled decoding, 3 otherwise. All logic is in utils/contamination.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.config import ConfigError, add_config_args, load_config  # noqa: E402
+from utils.config import add_config_args, load_config  # noqa: E402
 from utils.contamination import (  # noqa: E402
     EXIT_CODES,
     PROMPT_FORMATS,
@@ -37,8 +38,16 @@ from utils.contamination import (  # noqa: E402
     run_sentinel_suite,
     summary_table,
 )
+from utils.errors import (  # noqa: E402
+    EXIT_GATE,
+    EXIT_OK,
+    STATUS_FAILED,
+    STATUS_OK,
+    as_input_error,
+)
 from utils.jsonl_io import write_json_atomic  # noqa: E402
 from utils.provenance import write_manifest  # noqa: E402
+from utils.run_context import stage_main  # noqa: E402
 
 
 def build_config(cfg: dict, args: argparse.Namespace) -> SentinelConfig:
@@ -104,6 +113,8 @@ def run_report(args: argparse.Namespace, config: SentinelConfig, out_dir: Path) 
         out_dir / "manifest.json",
         stage="sentinel_calibration",
         config=config.to_dict(),
+        status=STATUS_OK if cal["all_as_expected"] else STATUS_FAILED,
+        reason=None if cal["all_as_expected"] else "a control was not judged as expected",
         report=str(report),
         detection_rate=cal["detection_rate"],
         false_positive_rate=cal["false_positive_rate"],
@@ -115,7 +126,7 @@ def run_report(args: argparse.Namespace, config: SentinelConfig, out_dir: Path) 
         f"{cal['false_positive_rate']:.2f}, all as expected: {cal['all_as_expected']}; "
         f"report: {report}"
     )
-    return 0 if cal["all_as_expected"] else 1
+    return EXIT_OK if cal["all_as_expected"] else EXIT_GATE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,14 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         help="run the calibration on every real control and write this markdown report",
     )
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        config = build_config(cfg, args)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # The output folder depends on the config's model name: a failure writes no manifest unless
+    # --out is given.
+    return stage_main("sentinels", args.out, lambda: run_stage(args))
 
-    from utils.clean_model_loader import CleanModelLoader, ContaminationError
+
+def run_stage(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    with as_input_error():
+        config = build_config(cfg, args)
+
+    from utils.clean_model_loader import CleanModelLoader
 
     model_cfg = dict(cfg.get("model") or {})
     name = args.model or model_cfg.get("name")
@@ -161,19 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         return run_report(args, config, out_dir)
 
-    try:
-        loader, _ = CleanModelLoader.from_config(
-            {**model_cfg, "name": name, "allow_instruct_control": args.allow_instruct_control}
-        )
-        lm = loader.load(name)
-    except (ContaminationError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: cannot load {name!r}: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = run_sentinel_suite(lm, config)
-    except Exception as e:  # a crashed suite is an error, never a clean verdict
-        print(f"error: the sentinel suite failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    # A missing, unreadable or refused model raises a ProjectInputError (exit 2).
+    loader, _ = CleanModelLoader.from_config(
+        {**model_cfg, "name": name, "allow_instruct_control": args.allow_instruct_control}
+    )
+    lm = loader.load(name)
+    result = run_sentinel_suite(lm, config)  # a crash is exit 1, never a clean verdict
     print(summary_table(result))
     write_json_atomic(out_dir / "result.json", result)
     if args.json:
@@ -182,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir / "manifest.json",
         stage="sentinels",
         config=config.to_dict(),
+        status=STATUS_OK if result["verdict"] == "clean" else STATUS_FAILED,
+        reason=None if result["verdict"] == "clean" else f"verdict {result['verdict']}",
         model=lm.provenance,
         verdict=result["verdict"],
         verdict_by_decoding=result["verdict_by_decoding"],

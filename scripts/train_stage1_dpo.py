@@ -9,9 +9,9 @@ The base model comes from CleanModelLoader, the SFT adapter is attached (its bas
 is checked) and trained further; TRL keeps a frozen copy of it as the reference, so the
 reference policy is the SFT policy. Logs rewards, margins and the chosen log-prob change per
 logging step to <out>/dpo_log.jsonl and warns when the chosen log-probs fall (trl #800).
-Writes <out>/adapter/, mask_audit.json/.txt and manifest.json. Exit 0 on success (a falling
-chosen log-prob is a warning, recorded in the manifest), 1 when the mask audit fails, 2 on bad
-input.
+Writes <out>/adapter/, mask_audit.json/.txt and manifest.json. Exit codes (utils/errors.py): 0
+ok (a falling chosen log-prob is a warning, recorded in the manifest; an empty pairs file is a
+recorded skip, manifest ``skipped``), 2 bad input, 3 the mask audit failed, 1 a crash.
 """
 
 from __future__ import annotations
@@ -24,19 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.clean_model_loader import AdapterMismatchError, ContaminationError  # noqa: E402
-from utils.config import ConfigError, add_config_args, load_config, section  # noqa: E402
+from utils.config import add_config_args, load_config, section  # noqa: E402
 from utils.dpo import DPOStageConfig, load_pairs, make_dpo_args, run_dpo  # noqa: E402
-from utils.embedded_models import AssetError  # noqa: E402
-from utils.mask_audit import MaskAuditError  # noqa: E402
+from utils.errors import EXIT_OK, STATUS_SKIPPED, InputMissingError, as_input_error  # noqa: E402
 from utils.provenance import write_manifest  # noqa: E402
-from utils.sft import (  # noqa: E402
-    MODEL_KEYS,
-    ResumeMismatchError,
-    load_base_model,
-    resolve_device,
-    split_dev,
-)
+from utils.run_context import stage_main  # noqa: E402
+from utils.sft import MODEL_KEYS, load_base_model, resolve_device, split_dev  # noqa: E402
 
 
 def print_summary(out: Path, s: dict) -> None:
@@ -88,48 +81,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output directory (default: <run>/dpo)")
     ap.add_argument("--fresh", action="store_true", help="discard checkpoints, do not resume")
     args = ap.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "dpo"
+    return stage_main("dpo", out, lambda: run_stage(args, out))
+
+
+def run_stage(args: argparse.Namespace, out: Path) -> int:
     run = Path(args.run_dir)
     pairs_path = Path(args.pairs) if args.pairs else run / "pairs" / "pairs.jsonl"
     sft_adapter = Path(args.sft_adapter) if args.sft_adapter else run / "sft" / "adapter"
-    out = Path(args.out) if args.out else run / "dpo"
     if pairs_path.exists() and not pairs_path.read_text().strip():
         # The pairs stage kept no pair (its critic could not separate candidates): nothing to
         # train on. Say so in the manifest; evaluation reports the dpo arm as skipped.
         out.mkdir(parents=True, exist_ok=True)
         reason = f"{pairs_path} holds no preference pair" + _why_no_pairs(pairs_path.parent)
         write_manifest(
-            out / "manifest.json", stage="dpo", config={}, status="skipped", reason=reason
+            out / "manifest.json", stage="dpo", config={}, status=STATUS_SKIPPED, reason=reason
         )
         print(f"stage-1 DPO skipped: {reason} (see {pairs_path.parent / 'manifest.json'})")
-        return 0
-    try:
-        cfg_all = load_config(args.config, args.overrides)
+        return EXIT_OK
+    cfg_all = load_config(args.config, args.overrides)
+    with as_input_error():  # config values and the pairs file; training errors are crashes
         cfg = DPOStageConfig.from_dict(section(cfg_all, "dpo"))
         model_cfg = {k: v for k, v in (cfg_all.get("model") or {}).items() if k in MODEL_KEYS}
         if not (sft_adapter / "adapter_config.json").exists():
-            raise FileNotFoundError(
+            raise InputMissingError(
                 f"{sft_adapter}: no SFT adapter (run train_stage1_sft.py first)"
             )
         pairs, data_info = load_pairs(pairs_path, min_margin=cfg.min_margin)
         use_cpu = resolve_device(model_cfg.get("device")).startswith("cpu")
         train, dev = split_dev(pairs, cfg.dev_fraction, cfg.max_dev_examples, cfg.seed)
         trl_args = make_dpo_args(cfg, out, bool(dev), use_cpu)  # before the model: ZeRO-3 init
-        lm = load_base_model(model_cfg)
-        result = run_dpo(lm, train, dev, cfg, trl_args, out, data_info, sft_adapter, args.fresh)
-    except MaskAuditError as e:
-        print(f"quality gate failed: {e} (see {out / 'mask_audit.json'})", file=sys.stderr)
-        return 1
-    except (
-        ConfigError,
-        ValueError,
-        FileNotFoundError,
-        ResumeMismatchError,
-        AdapterMismatchError,
-        ContaminationError,
-        AssetError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    lm = load_base_model(model_cfg)  # a missing or refused model: ProjectInputError
+    # A failed mask audit raises MaskAuditError, a GateError: exit 3 (stage_main).
+    result = run_dpo(lm, train, dev, cfg, trl_args, out, data_info, sft_adapter, args.fresh)
     if result.is_main:
         write_manifest(
             out / "manifest.json",
@@ -141,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             **result.summary,
         )
         print_summary(out, result.summary)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ loss on the completion and EOS only. Before the first step the mask audit checks
 tokenised dataset (mask_audit.json / mask_audit.txt). A killed run resumes from the last
 checkpoint in <out>/checkpoints when rerun with the same command (--fresh starts over).
 Writes <out>/adapter/ (+ adapter_manifest.json with the base weights hash), train_log.jsonl and
-manifest.json. Exit 0 on success, 1 when the mask audit fails, 2 on bad input.
+manifest.json. Exit codes (utils/errors.py): 0 ok, 2 bad input, 3 the mask audit failed, 1 a
+crash (traceback printed, manifest ``failed``).
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.clean_model_loader import ContaminationError  # noqa: E402
-from utils.config import ConfigError, add_config_args, load_config, section  # noqa: E402
-from utils.embedded_models import AssetError  # noqa: E402
-from utils.mask_audit import MaskAuditError  # noqa: E402
+from utils.config import add_config_args, load_config, section  # noqa: E402
+from utils.errors import EXIT_OK, as_input_error  # noqa: E402
 from utils.provenance import write_manifest  # noqa: E402
+from utils.run_context import stage_main  # noqa: E402
 from utils.sft import (  # noqa: E402
     MODEL_KEYS,
-    ResumeMismatchError,
     SFTStageConfig,
     load_base_model,
     load_stage1,
@@ -79,32 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output directory (default: <run>/sft)")
     ap.add_argument("--fresh", action="store_true", help="discard checkpoints, do not resume")
     args = ap.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "sft"
+    return stage_main("sft", out, lambda: run_stage(args, out))
+
+
+def run_stage(args: argparse.Namespace, out: Path) -> int:
     run = Path(args.run_dir)
     data = Path(args.data) if args.data else run / "stage1" / "train.jsonl"
-    out = Path(args.out) if args.out else run / "sft"
-    try:
-        cfg_all = load_config(args.config, args.overrides)
+    cfg_all = load_config(args.config, args.overrides)
+    with as_input_error():  # config values and the data file; training errors are crashes
         cfg = SFTStageConfig.from_dict(section(cfg_all, "sft"))
         model_cfg = {k: v for k, v in (cfg_all.get("model") or {}).items() if k in MODEL_KEYS}
         examples, data_info = load_stage1(data, run / "stage1" / "test_instructions.jsonl")
         train, dev = split_dev(examples, cfg.dev_fraction, cfg.max_dev_examples, cfg.seed)
         use_cpu = resolve_device(model_cfg.get("device")).startswith("cpu")
         trl_args = make_sft_args(cfg, out, bool(dev), use_cpu)  # before the model: ZeRO-3 init
-        lm = load_base_model(model_cfg)
-        result = run_sft(lm, train, dev, cfg, trl_args, out, data_info, fresh=args.fresh)
-    except MaskAuditError as e:
-        print(f"quality gate failed: {e} (see {out / 'mask_audit.json'})", file=sys.stderr)
-        return 1
-    except (
-        ConfigError,
-        ValueError,
-        FileNotFoundError,
-        ResumeMismatchError,
-        ContaminationError,
-        AssetError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    lm = load_base_model(model_cfg)  # a missing or refused model: ProjectInputError
+    # A failed mask audit raises MaskAuditError, a GateError: exit 3 (stage_main).
+    result = run_sft(lm, train, dev, cfg, trl_args, out, data_info, fresh=args.fresh)
     if result.is_main:
         write_manifest(
             out / "manifest.json",
@@ -116,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             **result.summary,
         )
         print_summary(out, result.summary)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -111,7 +111,12 @@ def test_instruct_name_is_refused_and_flag_marks_positive_control(tmp_path, tiny
 def test_base_name_with_it_inside_a_word_is_not_refused(tmp_path, tiny_qwen_dir):
     d = tmp_path / "my-italian-base"
     shutil.copytree(tiny_qwen_dir, d)
-    CleanModelLoader().load(str(d))
+    lm = CleanModelLoader().load(str(d))  # "-it" inside "italian" is not an instruct marker
+    assert lm.provenance["model_id"].endswith("my-italian-base")
+    assert lm.provenance["instruct_signals"] == [] and lm.provenance["positive_control"] is False
+    with pytest.raises(InstructModelError, match="contains '-it'"):  # a real marker still is
+        shutil.copytree(tiny_qwen_dir, tmp_path / "my-it-base")
+        CleanModelLoader().load(str(tmp_path / "my-it-base"))
 
 
 # -- provenance ---------------------------------------------------------------------------------

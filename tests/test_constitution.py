@@ -783,7 +783,8 @@ def test_tiny_script_end_to_end(tiny_loads, tiny_qwen_dir, tmp_path, monkeypatch
     rc = main(["--config", str(cfg_path), "--run", str(run), "--no-progress"])
     manifest = json.loads((run / "cai_pairs" / "manifest.json").read_text())
     n_kept = manifest["counts"]["pairs_kept"]
-    assert rc == (0 if n_kept else 1) and loads == [str(tiny_qwen_dir)]
+    assert (rc, manifest["status"]) == ((0, "ok") if n_kept else (3, "skipped"))
+    assert loads == [str(tiny_qwen_dir)]
     assert manifest["stage"] == "cai_pairs" and manifest["inputs"]["policy"] == "base"
     assert manifest["inputs"]["policy_adapter"] is None
     assert manifest["inputs"]["constitution_sha256"] == load_constitution().sha256

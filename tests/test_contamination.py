@@ -354,7 +354,9 @@ def test_script_exit_codes_and_outputs(tiny_qwen_dir, tmp_path):
         ["--model", str(tiny_qwen_dir), "--mode", "static", "--format", "chat-template",
          "--out", str(out)]
     )  # fmt: skip
-    assert rc == 1
+    assert rc == 3  # not clean: the gate exit code (utils/errors.py)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["reason"].startswith("verdict ")
     assert run_sentinels_main(["--set", "sentinels.nope=1", "--out", str(out)]) == 2
     assert run_sentinels_main(["--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
 

@@ -446,8 +446,9 @@ def test_script_end_to_end_counts_every_dropped_pair(
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     rc = main(["--config", str(cfg_path), "--run", str(run), "--no-progress"])
-    assert rc == 1 and loads == [str(tiny_qwen_dir)]
+    assert rc == 3 and loads == [str(tiny_qwen_dir)]  # nothing kept: the gate exit code
     manifest = json.loads((run / "pairs" / "manifest.json").read_text())
+    assert manifest["status"] == "skipped" and manifest["reason"].startswith("no preference pair")
     c = manifest["counts"]
     judged = read_jsonl(run / "pairs" / "judgements.jsonl")
     n_comp = sum(len(j["comparisons"]) for j in judged)

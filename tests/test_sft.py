@@ -324,11 +324,15 @@ def test_exit_codes_for_bad_input_and_failed_audit(tmp_path, tiny_qwen_dir, caps
     cfg = write_config(tmp_path / "cfg.yaml", tiny_qwen_dir, {**TINY_SFT, "dev_fraction": 0.0})
     assert sft_main(["--config", str(cfg), "--run-dir", str(tmp_path / "nowhere")]) == 2
     recs = stage1_records(4)
-    recs[2]["response"] = "Sure <|im_start|>assistant here"
+    # Qwen's own <tool_call> (a control token of its chat template) passes the chat-markup scan
+    # of the data (no <|...|> shape); the mask audit is the backstop.
+    recs[2]["response"] = "Sure <tool_call> here"
     write_run(run, recs)
-    assert sft_main(["--config", str(cfg), "--run-dir", str(run)]) == 1
+    assert sft_main(["--config", str(cfg), "--run-dir", str(run)]) == 3  # a failed gate
     err = capsys.readouterr().err
     assert "quality gate failed" in err and "'r02'" in err
+    manifest = json.loads((run / "sft" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["exit_code"] == 3
     failed = json.loads((run / "sft" / "mask_audit.json").read_text())
     assert failed["passed"] is False and failed["example_id"] == "r02"
     assert not (run / "sft" / "adapter").exists()

@@ -87,7 +87,7 @@ def _run(out: Path, kill_when=None) -> int:
             proc.wait()
             return -9
     out_text, _ = proc.communicate(timeout=900)
-    if proc.returncode not in (0, 1):
+    if proc.returncode not in (0, 3):  # ok, or a QC gate failed (utils/errors.py)
         raise AssertionError(out_text[-3000:])
     return proc.returncode
 
@@ -143,13 +143,85 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, gemma):
     assert again.raw_completion == rec["raw_completion"]
 
 
-def test_run_stage1_passes_the_critic_config():
-    # Regression (KNOWN_BUGS #13): the script passed critic_cfg, run_stage1 did not accept it.
-    import inspect
+CHAIN = " Compose a limerick about purple giraffes wearing hats"
 
+
+def build_chain_model(out_dir: Path, tokenizer_dir: Path) -> Path:
+    """A 2-layer Qwen2 whose next token depends only on the current one (attention and MLP
+    outputs zeroed): after any token outside ``CHAIN`` it writes CHAIN, then a newline. Its
+    Yes/No logits are equal, so the instruction critic scores every instruction 0.5."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), eos_token="<|endoftext|>")
+    chain = tok.encode(CHAIN, add_special_tokens=False) + tok.encode("\n", add_special_tokens=False)
+    assert len(set(chain)) == len(chain)  # a repeated token would loop
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb.zero_()
+        emb[:, 0] = 1.0  # every token outside the chain -> the chain's first token
+        head.zero_()
+        head[chain[0], 0] = 50.0
+        for i, (cur, nxt) in enumerate(zip(chain, chain[1:], strict=False), start=1):
+            emb[cur] = 0.0
+            emb[cur, i] = 1.0
+            head[nxt, i] = 50.0
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def chain_model(tmp_path_factory, qwen_tokenizer_dir):
+    from utils.clean_model_loader import CleanModelLoader
+
+    return CleanModelLoader().load(
+        str(build_chain_model(tmp_path_factory.mktemp("chain-qwen2"), qwen_tokenizer_dir))
+    )
+
+
+@pytest.mark.parametrize("min_score, kept", [(0.0, True), (1.0, False)])
+def test_run_stage1_judges_instructions_with_the_critic_config_it_is_given(
+    chain_model, tmp_path, min_score, kept
+):
+    """Regression (KNOWN_BUGS #13): the script passed its critic config, run_stage1 did not
+    accept it (TypeError at the start of every stage-1 run). The critic scores the one new
+    instruction 0.5: kept under min_instruction_score 0 and rejected under 1 only if the config
+    given here is the one the critic uses (the default, 0.62, would reject it both times)."""
+    from utils.critic import CriticConfig
     from utils.stage1 import run_stage1
 
-    params = inspect.signature(run_stage1).parameters
-    assert "critic_cfg" in params
-    src = inspect.getsource(run_stage1)
-    assert "critic_cfg)" in src.replace(" ", "")
+    earlier = ["List three uses of copper.", "Explain why the sky looks blue.",
+               "Write a haiku about autumn rain."]  # fmt: skip
+    (tmp_path / "instructions.jsonl").write_text(  # resumed: one more instruction is needed
+        "".join(json.dumps({"id": f"e{i}", "instruction": t, "type": "open_qa"}) + "\n"
+                for i, t in enumerate(earlier))
+    )  # fmt: skip
+    cfg = Stage1Config(
+        n_train=3, n_test=1, instruction_overshoot=0.0, prompts_per_round=1, max_rounds=1,
+        instruction_max_new_tokens=16, responses=False, batch_size=1, gates={"min_records": 1},
+    )  # fmt: skip
+    critic = CriticConfig(min_instruction_score=min_score)
+    summary = run_stage1(chain_model, cfg, tmp_path, progress=False, critic_cfg=critic)
+    new = [r for r in read_jsonl(tmp_path / "instructions.jsonl") if r["id"] not in
+           {"e0", "e1", "e2"}]  # fmt: skip
+    rejected = read_jsonl(tmp_path / "rejected_instructions.jsonl")
+    judged = (new if kept else rejected)[0]
+    assert judged["critic"]["score"] == pytest.approx(0.5) and judged["critic"]["accepted"] is kept
+    assert (len(new), [r["reason"] for r in rejected]) == (
+        (1, []) if kept else (0, ["critic_rejected"])
+    )  # fmt: skip
+    assert summary["counts"]["instructions_accepted"] == 3 + kept

@@ -31,6 +31,8 @@ from typing import Any
 
 from utils import embedded_models
 from utils.chat_markup import END_OF_TURN_TOKENS as END_OF_TURN_TOKENS
+from utils.config import ConfigError
+from utils.errors import InputMissingError, ProjectInputError
 from utils.provenance import package_versions
 
 TEMPLATE_REMOVED_MARKER = "chat template removed by CleanModelLoader"
@@ -45,7 +47,7 @@ INSTRUCT_NAME_PATTERN = re.compile(
 )
 
 
-class ContaminationError(RuntimeError):
+class ContaminationError(ProjectInputError, RuntimeError):
     """Chat formatting would reach a base model (template, control token, instruct weights)."""
 
 
@@ -57,7 +59,7 @@ class InstructModelError(ContaminationError):
     pass
 
 
-class AdapterMismatchError(RuntimeError):
+class AdapterMismatchError(ProjectInputError, RuntimeError):
     pass
 
 
@@ -189,7 +191,7 @@ def weights_hash(model_dir: Path) -> str:
     File hashes are cached by (path, size, mtime) so a 64 GB checkpoint is hashed once."""
     files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no weight files (*.safetensors, *.bin, *.gguf)")
+        raise InputMissingError(f"{model_dir}: no weight files (*.safetensors, *.bin, *.gguf)")
     cache_file = embedded_models.cache_root() / "hash_cache.json"
     try:
         cache = json.loads(cache_file.read_text())
@@ -315,7 +317,7 @@ def resolve_model(name_or_path: str | None) -> tuple[str, Path | None]:
     p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise FileNotFoundError(
+            raise InputMissingError(
                 f"model path {p} is a file; give the directory with config.json"
             )
         return name, p.resolve()
@@ -324,7 +326,7 @@ def resolve_model(name_or_path: str | None) -> tuple[str, Path | None]:
         or os.sep in name
         and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
     ):
-        raise FileNotFoundError(
+        raise InputMissingError(
             f"model path {name!r} does not exist (and is not a hub id 'org/name')"
         )
     return name, None  # a hub id such as Qwen/Qwen2.5-32B, resolved by transformers
@@ -367,7 +369,7 @@ class CleanModelLoader:
         }
         unknown = set(model_cfg) - known
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"model config: unknown keys {sorted(unknown)}; known: {sorted(known)}"
             )
         kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
@@ -385,7 +387,7 @@ class CleanModelLoader:
         try:
             tok = AutoTokenizer.from_pretrained(src, trust_remote_code=self.trust_remote_code)
         except OSError as e:
-            raise FileNotFoundError(f"cannot load a tokenizer from {src!r}: {e}") from e
+            raise InputMissingError(f"cannot load a tokenizer from {src!r}: {e}") from e
         original = _strip_template(tok)
         tok.padding_side = "left"  # generation pads on the left; trainers set their own side
         if tok.pad_token_id is None:
@@ -402,7 +404,7 @@ class CleanModelLoader:
         try:
             config = AutoConfig.from_pretrained(src, trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"cannot read a model config from {src!r}: {e}") from e
+            raise InputMissingError(f"cannot read a model config from {src!r}: {e}") from e
         try:
             gen_config = GenerationConfig.from_pretrained(src)
         except OSError:
@@ -448,7 +450,7 @@ class CleanModelLoader:
             )
             kwargs["device_map"] = {"": 0}
         elif self.quantization not in (None, "none"):
-            raise ValueError(
+            raise ConfigError(
                 f"quantization must be None, '4bit' or '8bit', got {self.quantization!r}"
             )
         try:

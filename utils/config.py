@@ -16,11 +16,13 @@ from typing import Any
 
 import yaml
 
+from utils.errors import ProjectInputError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "cpu_default.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(ProjectInputError, ValueError):
     pass
 
 

@@ -80,6 +80,7 @@ import yaml
 
 from utils.completion_prompts import find_chat_markup, find_scaffolding
 from utils.critic import ANSWER_A, ANSWER_B, base_only, histogram, soft_preference
+from utils.errors import ProjectInputError
 from utils.jsonl_io import JsonlAppender, JsonlError, read_jsonl, resume
 from utils.preference_pairs import exclusion_reasons
 from utils.provenance import config_hash
@@ -251,7 +252,7 @@ class CAIConfig:
 # The constitution file.
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(ProjectInputError, ValueError):
     """A malformed constitution; the message names the file, the entry index and the field."""
 
     def __init__(

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from utils.errors import ProjectInputError
 from utils.verifiable_checks import (
     CONFLICTS,
     EXCLUSIVE_TYPES,
@@ -266,7 +267,7 @@ def eval_phrasing_match(text: str) -> str | None:
 # The split, declared in config (section ``constraints``).
 
 
-class SplitError(ValueError):
+class SplitError(ProjectInputError, ValueError):
     pass
 
 

@@ -44,6 +44,7 @@ from typing import Any
 
 from utils.chat_markup import FAMILIES as CHAT_FAMILIES
 from utils.clean_model_loader import END_OF_TURN_TOKENS, ContaminationError, LoadedModel
+from utils.errors import EXIT_GATE, EXIT_OK
 
 VERDICTS = ("clean", "suspicious", "contaminated", "error")  # in increasing severity
 # Bumped when a verdict for the same model and config can change; cached verdicts keyed on it.
@@ -1016,9 +1017,15 @@ def run_sentinel_suite(
     return json.loads(json.dumps(result, default=str))
 
 
-EXIT_CODES = {"clean": 0, "suspicious": 1, "contaminated": 1, "error": 2}
-# Suspicious fails closed (exit 1): a result from a model that might be a chat model is
-# worthless, and a false alarm costs one look at the per-sentinel table.
+EXIT_CODES = {
+    "clean": EXIT_OK,
+    "suspicious": EXIT_GATE,
+    "contaminated": EXIT_GATE,
+    "error": EXIT_GATE,
+}
+# Anything but clean fails the gate (exit 3, codes in utils/errors.py): a result from a model
+# that might be a chat model is worthless, and a false alarm costs one look at the per-sentinel
+# table; "error" (a check that cannot fire) cannot vouch for the model either.
 
 
 # ------------------------------------------------------------------------- calibration

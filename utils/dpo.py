@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from utils.chat_markup import scan_records_for_chat_markup
 from utils.clean_model_loader import LoadedModel, adapter_hash, attach_adapter
+from utils.errors import ProjectInputError
 from utils.jsonl_io import read_jsonl
 from utils.mask_audit import (
     MaskAuditError,
@@ -362,7 +363,7 @@ def attach_trainable_sft_adapter(lm: LoadedModel, sft_adapter_dir: str | Path) -
             p.requires_grad_(True)
             n += p.numel()
     if n == 0:
-        raise ValueError(f"{sft_adapter_dir}: the adapter has no LoRA weights to train")
+        raise ProjectInputError(f"{sft_adapter_dir}: the adapter has no LoRA weights to train")
     return lm
 
 
@@ -482,7 +483,7 @@ def run_dpo(
     train, dropped_train = filter_by_length(lm, train, cfg.max_length, completion_keys=keys)
     dev, dropped_dev = filter_by_length(lm, dev, cfg.max_length, completion_keys=keys)
     if not train:
-        raise ValueError(f"no preference pair fits max_length={cfg.max_length} tokens")
+        raise ProjectInputError(f"no preference pair fits max_length={cfg.max_length} tokens")
     sft_adapter_dir = Path(sft_adapter_dir)
     sft_hash = adapter_hash(sft_adapter_dir)
     attach_trainable_sft_adapter(lm, sft_adapter_dir)

@@ -31,6 +31,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.errors import ProjectInputError
 from utils.jsonl_io import write_json_atomic
 
 CACHE_ENV = "BASECAI_CACHE"
@@ -40,7 +41,7 @@ FETCH_TIMEOUT_S = 900  # a registry that does not answer fails the fetch, it doe
 MiB = 1024**2
 
 
-class AssetError(RuntimeError):
+class AssetError(ProjectInputError, RuntimeError):
     """Fetching, verifying or converting an embedded asset failed; the message says how to fix it."""
 
 

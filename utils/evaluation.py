@@ -50,6 +50,7 @@ from utils.clean_model_loader import (
     weights_hash,
 )
 from utils.dedup import leakage_check
+from utils.errors import ProjectInputError
 from utils.eval_prompts import (
     TASKS,
     build_eval_set,
@@ -79,7 +80,7 @@ CACHE_SCHEMA = 1  # bump when a cache record's meaning changes, so old caches ar
 _ARM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(ProjectInputError, ValueError):
     """Bad evaluation input (unknown arm, adapter of another base, corrupt cache...)."""
 
 

@@ -15,8 +15,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from utils.errors import ProjectInputError
 
-class JsonlError(ValueError):
+
+class JsonlError(ProjectInputError, ValueError):
     """A malformed JSONL file; the message names file, line and field."""
 
     def __init__(self, path: str | Path, line: int, message: str, field: str | None = None):

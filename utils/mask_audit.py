@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from utils.clean_model_loader import ContaminationError, TokenPolicy, check_token_ids, encode_text
+from utils.errors import GateError
 from utils.jsonl_io import write_json_atomic
 
 IGNORE_INDEX = -100
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 
-class MaskAuditError(ValueError):
+class MaskAuditError(GateError, ValueError):
     """The loss mask or the token ids of one example are wrong; the message names the example."""
 
     def __init__(self, example_id: Any, problem: str):

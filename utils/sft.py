@@ -40,6 +40,7 @@ from utils.clean_model_loader import (
     adapter_hash,
     write_adapter_manifest,
 )
+from utils.errors import ProjectInputError
 from utils.jsonl_io import JsonlAppender, read_jsonl, resume, write_json_atomic, write_jsonl_atomic
 from utils.mask_audit import (
     MaskAuditError,
@@ -58,7 +59,7 @@ RUN_KEY_FILE = "run_key.json"
 SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length", "batch_rebalance")
 
 
-class ResumeMismatchError(RuntimeError):
+class ResumeMismatchError(ProjectInputError, RuntimeError):
     """Checkpoints in the output directory came from a different data set or LoRA setup."""
 
 
@@ -610,7 +611,7 @@ def run_sft(
     train, dropped_train = filter_by_length(lm, train, cfg.max_length)
     dev, dropped_dev = filter_by_length(lm, dev, cfg.max_length)
     if not train:
-        raise ValueError(f"no training example fits max_length={cfg.max_length} tokens")
+        raise ProjectInputError(f"no training example fits max_length={cfg.max_length} tokens")
     args.max_steps = planned_max_steps(
         len(train),
         args.per_device_train_batch_size,
