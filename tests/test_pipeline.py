@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 #   ok            result.txt + manifest ok, exit 0
 #   crash         an empty pairs.jsonl, then an uncaught TypeError (what pairs did with
 #                 --set pairs.instructions_per_chunk=1.5): exit 1, manifest failed
+#   library_value_error  a ValueError after the config was read: exit 1 (not 2), manifest failed
 #   keep_nothing  an empty pairs.jsonl, manifest skipped with its numbers, exit 3
 #   gate          manifest failed (a quality gate), exit 3
 #   exit3         exit 3 with no manifest
@@ -56,6 +57,8 @@ def body():
     if mode == "crash":
         (out / "pairs.jsonl").write_text("")
         return list(range(1.5))
+    if mode == "library_value_error":  # e.g. TRL mid-training: a crash, not bad input
+        raise ValueError("from a library, mid-run")
     if mode == "keep_nothing":
         (out / "pairs.jsonl").write_text("")
         return run.skip("no pair kept (tie 3)", counts={{"pairs_kept": 0, "pairs_dropped": {{"tie": 3}}}})
@@ -192,6 +195,12 @@ def test_a_crash_in_a_stage_that_may_keep_nothing_is_never_stamped(tmp_path):
     rows = _pipeline(run, config, stages, ["toy.mode=crash"])  # a rerun reruns it, still failing
     assert [(r["run"], r["failed"]) for r in rows] == [("resumed", True)] and _runs(run, "a") == 2
 
+    # A ValueError raised mid-run is a crash with its traceback, not "bad input" (exit 2).
+    rows = _pipeline(tmp_path / "run2", config, stages, ["toy.mode=library_value_error"])
+    assert [(r["exit_code"], r["status"], r["failed"]) for r in rows] == [(1, "failed", True)]
+    assert (
+        _manifest(tmp_path / "run2", "a")["reason"] == "crash: ValueError: from a library, mid-run"
+    )
     # Exit 3 is tolerated only with a skipped manifest: without a manifest it is a stop.
     rows = _pipeline(tmp_path / "run3", config, stages, ["toy.mode=exit3"])
     assert [(r["exit_code"], r["status"], r["failed"]) for r in rows] == [(3, None, True)]
