@@ -9,7 +9,8 @@ passing against failing samples (utils/verified_sampling.py).
 
 Reads <run>/stage1/constrained.jsonl; writes samples.jsonl, train.jsonl, sft_data.jsonl,
 pairs.jsonl, stats.json and manifest.json into --out (default <run>/verified_r<round>).
-Rerunning after a kill resumes with no duplicate. Exit 0 ok, 2 bad input, 3 nothing kept.
+Rerunning after a kill resumes with no duplicate. Exit codes (utils/errors.py): 0 ok, 2 bad
+input, 3 nothing kept (manifest failed: the next SFT has no data), 1 a crash.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.clean_model_loader import AdapterMismatchError, adapter_hash, attach_adapter  # noqa: E402
+from utils.clean_model_loader import adapter_hash, attach_adapter  # noqa: E402
 from utils.completion_prompts import load_response_examples  # noqa: E402
-from utils.config import ConfigError, add_config_args, section  # noqa: E402
+from utils.config import add_config_args, section  # noqa: E402
 from utils.constraint_library import constraints_from_config  # noqa: E402
 from utils.critic import CriticConfig, histogram, print_summary_table  # noqa: E402
-from utils.jsonl_io import JsonlError, read_jsonl, write_json_atomic  # noqa: E402
-from utils.run_context import StageRun  # noqa: E402
+from utils.errors import EXIT_OK, InputMissingError, as_input_error  # noqa: E402
+from utils.jsonl_io import read_jsonl, write_json_atomic  # noqa: E402
+from utils.run_context import StageRun, stage_main  # noqa: E402
 from utils.verified_sampling import (  # noqa: E402
     POLICY_BASE,
     VerifiedConfig,
@@ -51,14 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    run_dir = Path(args.run)
-    data_path = run_dir / "stage1" / "constrained.jsonl"
-    out = Path(args.out) if args.out else run_dir / f"verified_r{args.round}"
+    out = Path(args.out) if args.out else Path(args.run) / f"verified_r{args.round}"
+    return stage_main("verified", out, lambda: run_stage(args, out))
+
+
+def run_stage(args: argparse.Namespace, out: Path) -> int:
+    data_path = Path(args.run) / "stage1" / "constrained.jsonl"
     policy = args.policy
-    try:
+    run = StageRun.start("verified", args.config, args.overrides, out)
+    with as_input_error():
         if args.round < 1:
             raise ValueError(f"--round must be >= 1, got {args.round}")
-        run = StageRun.start("verified", args.config, args.overrides, out)
         cfg = VerifiedConfig.from_dict(section(run.cfg, "verified"))
         critic = CriticConfig.from_dict(section(run.cfg, "critic"))
         split, _mix, _seed = constraints_from_config(run.cfg.get("constraints"))
@@ -67,21 +72,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{data_path}: no constrained instructions")
         previous = read_jsonl(args.previous) if args.previous else []
         demos = allowed_demos(load_response_examples(), split)
-        if policy != POLICY_BASE and not Path(policy).is_dir():
-            raise FileNotFoundError(f"{policy}: no policy adapter directory")
-        lm = run.load_model()
-        if policy != POLICY_BASE:
-            attach_adapter(lm, Path(policy))
-        summary = run_verified_sampling(
-            lm, records, cfg, critic, run.out_dir, policy, args.round, demos,
-            previous_sft_data=previous, progress=not args.no_progress, split=split,
-        )  # fmt: skip
-    except (ConfigError, JsonlError, ValueError, FileNotFoundError, AdapterMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if policy != POLICY_BASE and not Path(policy).is_dir():
+        raise InputMissingError(f"{policy}: no policy adapter directory")
+    lm = run.load_model()
+    if policy != POLICY_BASE:
+        attach_adapter(lm, Path(policy))
+    summary = run_verified_sampling(
+        lm, records, cfg, critic, run.out_dir, policy, args.round, demos,
+        previous_sft_data=previous, progress=not args.no_progress, split=split,
+    )  # fmt: skip
     stats = summary["stats"]
     write_json_atomic(run.out_dir / "stats.json", stats)
-    run.finish(
+    fields = dict(
         inputs={
             "constrained": str(data_path),
             "previous": args.previous,
@@ -100,8 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         },  # fmt: skip
         **summary,
     )
+    print_summary(args.round, policy, summary, run.out_dir)
+    if stats["kept"] == 0:  # nothing to train on: the next SFT cannot run, so the run stops
+        return run.fail_gate("no sample passed the checkers and the relevance filter", **fields)
+    run.finish(**fields)
+    return EXIT_OK
+
+
+def print_summary(round_index: int, policy: str, summary: dict, out_dir: Path) -> None:
+    stats = summary["stats"]
     rows = [
-        ("round / policy", f"{args.round} / {policy}"),
+        ("round / policy", f"{round_index} / {policy}"),
         (
             "instructions (constrained)",
             f"{stats['instructions']} ({stats['constrained_instructions']})",
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("passing but irrelevant candidates", stats["passing_but_irrelevant_candidates"]),
         ("kept (constrained)", f"{stats['kept']} ({stats['kept_constrained']})"),
+        ("hindsight records", stats["hindsight_records"]),
         ("SFT records for the next SFT", stats["sft_data_records"]),
         ("pairs", f"{stats['pairs']} {stats['pairs_by_judge']}"),
         *((f"  pairs dropped: {k}", v) for k, v in stats["pairs_dropped"].items()),
@@ -122,13 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['timings']['sample_s']} / {summary['timings']['judge_s']}",
         ),
     ]
-    hist = histogram([p["soft_label"] for p in read_jsonl(run.out_dir / "pairs.jsonl")])
+    hist = histogram([p["soft_label"] for p in read_jsonl(out_dir / "pairs.jsonl")])
     print_summary_table("verified sampling summary", rows, hist)
     print("per-type pass@1 / pass@k:")
     for t, v in stats["per_type"].items():
         print(f"  {t:<48} {v['pass_at_1']:.3f} / {v['pass_at_k']:.3f}  (n={v['instructions']})")
-    print(f"\nwrote {run.out_dir}")
-    return 0 if stats["kept"] > 0 else 3
+    print(f"\nwrote {out_dir}")
 
 
 if __name__ == "__main__":

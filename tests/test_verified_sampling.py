@@ -196,7 +196,7 @@ def test_unconstrained_instructions_are_paired_by_the_pmi_judge_above_its_thresh
     rec = decide(_record([], [], cands), VerifiedConfig(), 0.6)
     (pair,) = rec["pairs"]
     assert pair["judge"] == "pmi" and pair["chosen_index"] == 0
-    assert pair["soft_label"] == pytest.approx(1 / (1 + 2.718281828 ** -1.6), abs=1e-6)
+    assert pair["soft_label"] == pytest.approx(1 / (1 + 2.718281828**-1.6), abs=1e-6)
 
 
 def test_round_one_demonstrations_are_train_types_only_with_the_own_type_last():
@@ -230,7 +230,9 @@ def test_training_record_audit_catches_held_out_types_and_eval_phrasings():
 def _stage_inputs():
     tasks = [f"Describe a small {w} in the garden." for w in
              ("stone", "bench", "pond", "gate", "shed", "path", "lamp", "wall")]  # fmt: skip
-    stage1 = [{"id": f"t{k}", "instruction": t, "type": "creative_writing"} for k, t in enumerate(tasks)]
+    stage1 = [
+        {"id": f"t{k}", "instruction": t, "type": "creative_writing"} for k, t in enumerate(tasks)
+    ]
     records, _ = constrain_tasks(stage1, SPLIT, MIX, SEED)
     return records
 
@@ -329,3 +331,28 @@ def test_hindsight_records_state_a_train_rule_the_sample_already_follows():
             assert not (set(v if isinstance(v, list) else [v]) & set(vc.KEYWORDS + vc.END_PHRASES))
     assert hindsight_records(rec, SPLIT, 0, 0) == []
     assert hindsight_records(rec, SPLIT, 5, 0) == out  # seeded
+
+
+def test_stage_script_writes_status_and_exit_codes(tmp_path, tiny_loads):
+    """The script runs the shared lifecycle: a good run writes an ``ok`` manifest (exit 0); bad
+    input is one message, exit 2 and a ``failed`` manifest."""
+    import json
+    import sys
+
+    sys.path.insert(
+        0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "scripts")
+    )
+    import sample_verified
+
+    from utils.jsonl_io import write_jsonl_atomic
+
+    run = tmp_path / "run"
+    write_jsonl_atomic(run / "stage1" / "constrained.jsonl", _stage_inputs()[:3])
+    common = ["--run", str(run), "--set", "sentinels.mode=off", "--set", "verified.num_candidates=2",
+              "--set", "verified.max_new_tokens=6", "--set", "verified.relevance_threshold=-100",
+              "--set", "verified.exclude_truncated=false", "--no-progress"]  # fmt: skip
+    assert sample_verified.main([*common, "--round", "1"]) == 0
+    manifest = json.loads((run / "verified_r1" / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["counts"]["kept"] >= 1
+    assert sample_verified.main([*common, "--round", "0", "--out", str(run / "bad")]) == 2
+    assert json.loads((run / "bad" / "manifest.json").read_text())["status"] == "failed"
