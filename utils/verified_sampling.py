@@ -50,7 +50,6 @@ from utils.response_format import (
     format_completion,
     format_few_shot_prompt,
     format_prompt,
-    marker_leaked,
 )
 from utils.verifiable_checks import evaluate_strict
 
@@ -173,24 +172,6 @@ def fewshot_demos(
 
 def _normalise(text: str) -> str:
     return " ".join(text.split())
-
-
-def exclusion_reason(text: str, stop_reason: str, control: Sequence[str], exclude_truncated: bool,
-                     seen: set[str]) -> str | None:  # fmt: skip
-    """Why a candidate is unusable (None: usable). ``seen`` collects usable normalised texts."""
-    norm = _normalise(text)
-    if not norm:
-        return "empty"
-    if any(s in text for s in control):
-        return "control_token"
-    if marker_leaked(text):
-        return "marker_leaked"
-    if exclude_truncated and stop_reason == "max_new_tokens":
-        return "truncated"
-    if norm in seen:
-        return "duplicate"
-    seen.add(norm)
-    return None
 
 
 def near_identical(a: str, b: str, ratio: float) -> bool:
@@ -454,14 +435,15 @@ def judge_samples(
 ) -> list[dict[str, Any]]:
     """Checks, relevance (base weights) and the keep/pair decision for each record."""
     from utils.critic import pmi_scores
+    from utils.preference_pairs import exclusion_reasons
 
     control = lm.policy.control_token_strings
     todo: list[tuple[int, int]] = []
     for r_idx, (rec, cands) in enumerate(zip(records, candidates, strict=True)):
-        seen: set[str] = set()
-        for c in cands:
-            c["excluded"] = exclusion_reason(c["text"], c["stop_reason"], control,
-                                             cfg.exclude_truncated, seen)  # fmt: skip
+        reasons = exclusion_reasons([c["text"] for c in cands], [c["stop_reason"] for c in cands],
+                                    control, cfg.exclude_truncated)  # fmt: skip
+        for c, reason in zip(cands, reasons, strict=True):
+            c["excluded"] = reason
             c["usable"] = c["excluded"] is None
             c["checks"] = (
                 evaluate_strict(rec["instruction_ids"], rec["kwargs"], c["text"])
