@@ -40,3 +40,20 @@ def test_config_file_errors_name_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_stage_main_closes_the_process_group_a_torchrun_stage_opened(tmp_path):
+    """KNOWN_BUGS 33: a rank that exits with gloo's process group open can abort ("terminate
+    called without an active exception"), failing a torchrun stage that finished."""
+    import torch.distributed as dist
+
+    from utils.run_context import stage_main
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert stage_main("t", None, lambda: 0) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

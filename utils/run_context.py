@@ -147,6 +147,17 @@ def stage_main(stage: str, out_dir: str | Path | None, body: Callable[[], int]) 
             reason = f"crash: {type(e).__name__}: {e}"
             write_failed_manifest(out_dir, stage, reason, EXIT_CRASH, traceback_tail=error_tail(e))
         raise
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the torch.distributed process group a torchrun stage opened (TRL/accelerate do
+    not). Left open, a rank can exit while gloo's threads still run: "terminate called without
+    an active exception", SIGABRT, and torchrun fails a stage that finished (KNOWN_BUGS 33)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_configured_sentinels(lm: LoadedModel, sentinel_cfg: dict[str, Any]) -> dict[str, Any]:
