@@ -3,6 +3,8 @@
 - the machine's fp32 matmul GFLOP/s (the compute ceiling),
 - a plain one-prompt-at-a-time ``model.generate`` loop,
 - the project's batched engine (utils/generation.py) at several batch sizes,
+- at the largest batch size, transformers' ``generate`` against the engine's shrinking loop
+  (finished rows leave the batch), both stopping on the evaluation's stop strings,
 
 then tokens/s, the ratio to the plain loop, the fraction of the matmul ceiling reached
 (2 x parameters FLOP per token) and whether greedy outputs are identical.
@@ -26,7 +28,7 @@ import torch  # noqa: E402
 from utils.clean_model_loader import CleanModelLoader  # noqa: E402
 from utils.eval_prompts import build_eval_set  # noqa: E402
 from utils.generation import DecodingConfig, generate  # noqa: E402
-from utils.response_format import format_prompt  # noqa: E402
+from utils.response_format import RESPONSE_STOP_STRINGS, format_prompt  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -95,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         same = [g.raw_completion for g in gens[: args.plain_prompts]] == plain_texts
         identical = same if identical is None else identical and same
+    loops = {}
+    for loop in ("hf_generate", "shrinking"):
+        dc = DecodingConfig(max_new_tokens=args.max_new_tokens, batch_size=max(args.batch_sizes),
+                            stop_strings=RESPONSE_STOP_STRINGS, loop=loop)  # fmt: skip
+        t0 = time.perf_counter()
+        gens = generate(lm, prompts, dc, progress=True, desc=f"loop={loop}")
+        secs = time.perf_counter() - t0
+        loops[loop] = gens
+        rows.append({"mode": f"stops {loop}", "batch_size": dc.batch_size,
+                     "tokens": sum(g.n_new_tokens for g in gens), "seconds": secs})  # fmt: skip
+    loops_identical = [g.text for g in loops["shrinking"]] == [g.text for g in loops["hf_generate"]]
     plain_tps = plain_tok / plain_s
     for r in rows:
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
@@ -109,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "n_prompts": len(prompts),
         "greedy_outputs_identical_to_plain_loop": identical,
+        "shrinking_loop_speedup_vs_hf_generate": rows[-1]["seconds"]
+        and rows[-2]["seconds"] / rows[-1]["seconds"],
+        "shrinking_loop_outputs_identical_to_hf_generate": loops_identical,
         "best_speedup_vs_plain": best["speedup_vs_plain"],
         "best_batch_size": best["batch_size"],
         "rows": rows,
@@ -117,14 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmatmul fp32: {gflops:.1f} GFLOP/s; {flop_per_token / 1e9:.3f} GFLOP/token; "
           f"ceiling {result['ceiling_tokens_per_s']:.0f} tok/s")  # fmt: skip
     print(
-        f"{'mode':<11} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'x plain':>8} {'% ceiling':>9}"
+        f"{'mode':<22} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'x plain':>8} {'% ceiling':>9}"
     )
     for r in rows:
         print(
-            f"{r['mode']:<11} {r['batch_size']:>5} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>7.1f} "
+            f"{r['mode']:<22} {r['batch_size']:>5} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>7.1f} "
             f"{r['speedup_vs_plain']:>8.2f} {100 * r['fraction_of_matmul_ceiling']:>8.1f}%"
         )
     print(f"greedy outputs identical to the plain loop: {identical}")
+    print(f"with stop strings: shrinking loop {result['shrinking_loop_speedup_vs_hf_generate']:.2f}x "
+          f"transformers' generate, same texts: {loops_identical}")  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from utils.clean_model_loader import ContaminationError
@@ -129,3 +131,52 @@ def test_stop_string_matcher_is_built_once_per_model(tiny_qwen):
     )
     assert stop_string_criteria(tiny_qwen, ("\nInstruction:",)) is a
     assert stop_string_criteria(tiny_qwen, ("\n",)) is not a
+
+
+LOOP_PROMPTS = [
+    "Instruction: Name a color.\nResponse:",
+    "The capital of France is",
+    "Instruction: Write a haiku about the sea, then stop.\nResponse:",
+    "1, 2, 3,",
+    "Once upon a time",
+    "Q: What is 2 + 2?\nA:",
+    "Once upon a time",  # a repeated prompt is prefilled once, then sampled per row
+    "Instruction: Name a color.\nResponse:",
+]
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_shrinking_loop_gives_hf_generates_tokens_and_stops(tiny_qwen, do_sample):
+    """The shrinking loop (finished rows leave the batch) decodes what transformers' generate
+    decodes: same text, stop reason, matched stop and token counts, greedy and sampled, rows of
+    unequal prompt lengths in one batch. The stop strings are cut from the model's own free
+    output, so rows really stop at different steps (a random model never emits EOS)."""
+    base = dict(max_new_tokens=24, batch_size=8, do_sample=do_sample, temperature=0.9, top_p=0.9)
+    # Greedy: repeated prompts too (prefilled once). Sampled: distinct prompts only, as a random
+    # model's near-flat distribution flips a sample on the last-bit differences that another
+    # prefill batch shape gives.
+    prompts = LOOP_PROMPTS if not do_sample else LOOP_PROMPTS[:6]
+    free = generate(tiny_qwen, prompts, DecodingConfig(**base), seed=7, progress=False)
+    # (A stop string that starts inside the prompt is left out: transformers then pads the row
+    # with pad_token_id, which Qwen's tokenizer shares with EOS, and reports "eos".)
+    cuts = [(g.text[4 + 3 * i : 7 + 3 * i], g) for i, g in enumerate(free)]
+    stops = tuple(c for c, g in cuts if c not in g.prompt[-3:] + g.text[:3])[:3]
+    dc = DecodingConfig(**base, stop_strings=stops)
+    shrink = generate(tiny_qwen, prompts, dc, seed=7, progress=False)
+    hf = generate(tiny_qwen, prompts, dataclasses.replace(dc, loop="hf_generate"), seed=7,
+                  progress=False)  # fmt: skip
+    assert [dataclasses.astuple(g) for g in shrink] == [dataclasses.astuple(g) for g in hf]
+    assert {g.stop_reason for g in shrink} == {"stop_string", "max_new_tokens"}
+    assert len({g.n_new_tokens for g in shrink}) > 2
+
+
+@pytest.mark.slow
+def test_shrinking_loop_gives_hf_generates_tokens_on_gemma(gemma):
+    """Gemma-3 (sliding-window layers, logit soft-capping): greedy outputs of the shrinking
+    loop equal transformers' generate, rows finishing at different steps."""
+    dc = dict(max_new_tokens=32, batch_size=6, stop_strings=("\n", "."))
+    shrink = generate(gemma, LOOP_PROMPTS, DecodingConfig(**dc), progress=False)
+    hf = generate(gemma, LOOP_PROMPTS, DecodingConfig(**dc, loop="hf_generate"), progress=False)
+    assert [g.text for g in shrink] == [g.text for g in hf]
+    assert [g.n_new_tokens for g in shrink] == [g.n_new_tokens for g in hf]
+    assert len({g.n_new_tokens for g in shrink}) > 1  # rows really finished at different steps

@@ -3,6 +3,11 @@
 - Prompts go through the loader's one encode path (BOS policy, chat-control refusal) and the
   ids actually fed to the model are checked again, row by row, after padding is stripped.
 - Left padding, length-sorted batches, results returned in input order.
+- Its own decode loop over the model's forward and KV cache (``DecodingConfig.loop``,
+  default "shrinking"): a row that has stopped leaves the batch, so a batch costs what its
+  rows generate rather than ``batch x longest row``; identical prompts in a batch (k samples of
+  one prompt) are prefilled once. Same tokens as transformers' ``generate`` (tests), which
+  stays selectable ("hf_generate") for comparison (scripts/benchmark_generation.py).
 - Stops on whole stop STRINGS (transformers' StopStringCriteria, which matches strings across
   token boundaries) and on the model's EOS ids; never on the last token of a stop string.
 - Every result records why it stopped ("eos", "stop_string", "max_new_tokens") and its token
@@ -23,12 +28,14 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from utils.clean_model_loader import LoadedModel
 
 STOP_EOS, STOP_STRING, STOP_LIMIT = "eos", "stop_string", "max_new_tokens"
+LOOP_SHRINKING, LOOP_HF = "shrinking", "hf_generate"
+LOOPS = (LOOP_SHRINKING, LOOP_HF)
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,14 @@ class DecodingConfig:
     top_k: int = 0
     batch_size: int = 16
     stop_strings: tuple[str, ...] = ()
+    # "shrinking" (default): finished rows leave the batch, so a batch costs what its rows
+    # generate, not what its longest row generates; "hf_generate": transformers' generate, kept
+    # for comparison (scripts/benchmark_generation.py). Same tokens either way (tests).
+    loop: str = "shrinking"
 
     def __post_init__(self) -> None:
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {LOOPS}, got {self.loop!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
@@ -122,11 +135,17 @@ class PerRowGumbelSampler(LogitsProcessor):
         return int(idx[choice]) if idx is not None else choice
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scaled = scores.float().cpu() / self.temperature
         out = torch.full_like(scores, -math.inf)
-        for r, gen in enumerate(self.generators):
-            out[r, self._pick(scaled[r], gen)] = 0.0
+        out[torch.arange(len(self.generators)), self.pick(scores, range(len(self.generators)))] = (
+            0.0
+        )
         return out
+
+    def pick(self, scores: torch.FloatTensor, rows: Sequence[int]) -> torch.LongTensor:
+        """One sampled token per row of ``scores``; row j draws from generator ``rows[j]``."""
+        scaled = scores.float().cpu() / self.temperature
+        picked = [self._pick(scaled[j], self.generators[r]) for j, r in enumerate(rows)]
+        return torch.tensor(picked, dtype=torch.long, device=scores.device)
 
 
 def stop_string_criteria(lm: LoadedModel, stop_strings: Sequence[str]) -> StopStringCriteria:
@@ -190,6 +209,57 @@ def _finish_row(
     return decoded, decoded, STOP_LIMIT, None, len(new_ids)
 
 
+def _decode_shrinking(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]
+) -> list[list[int]]:
+    """The new token ids of each row, decoded as ``model.generate(ids, mask, **kwargs)`` would
+    (greedy argmax, or the PerRowGumbelSampler's pick; stop on an EOS id or a whole stop
+    string, both checked by the same rules), except that a finished row leaves the batch: its
+    KV cache rows are dropped and later steps run on the rows still going. Positions follow
+    generate's left-padding rule (mask cumsum - 1)."""
+    eos = set(kwargs["eos_token_id"])
+    sampler = next(iter(kwargs.get("logits_processor") or []), None)
+    stop = next(iter(kwargs.get("stopping_criteria") or []), None)
+    cache = DynamicCache(config=model.config)
+    position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    active = list(range(ids.shape[0]))
+    new: list[list[int]] = [[] for _ in active]
+    seqs = ids
+    # Identical prompts (k samples of one prompt) are prefilled once; their cache rows are
+    # then copied out to every row that shares them.
+    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    first = [int((inverse == u).nonzero()[0]) for u in range(unique.shape[0])]
+    out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=position[first],
+                cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    logits = out.logits[:, -1, :][inverse]
+    if first != active:  # rows shared, or torch.unique sorted them: back to the batch's order
+        cache.batch_select_indices(inverse)
+    last = position[:, -1:]
+    for step in range(kwargs["max_new_tokens"]):
+        if step:
+            logits = out.logits[:, -1, :]
+        tok = sampler.pick(logits, active) if sampler is not None else logits.argmax(-1)
+        seqs = torch.cat([seqs, tok[:, None]], dim=-1)
+        done = [t in eos for t in tok.tolist()]
+        if stop is not None:
+            done = [d or bool(s) for d, s in zip(done, stop(seqs, logits).tolist(), strict=True)]
+        for j, row in enumerate(active):
+            new[row].append(int(tok[j]))
+        keep = [j for j, d in enumerate(done) if not d]
+        if not keep or step == kwargs["max_new_tokens"] - 1:
+            break
+        if len(keep) < len(active):
+            idx = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(idx)
+            seqs, mask, last, tok = seqs[idx], mask[idx], last[idx], tok[idx]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        last = last + 1
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last, cache=cache,
+                    use_cache=True, logits_to_keep=1)  # fmt: skip
+    return new
+
+
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
@@ -207,8 +277,9 @@ def generate(
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     encoded = [lm.encode(p, allow_control_tokens=allow_control_tokens) for p in prompts]
-    # Length-sorted batches waste little compute on padding; stable for reproducible grouping.
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    # Length-sorted batches waste little compute on padding; identical prompts side by side
+    # (prefilled once); a total order, so the grouping is reproducible.
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), encoded[i], i))
     results: list[Generation | None] = [None] * len(prompts)
     model, pad_id = lm.model, lm.policy.pad_token_id
     device = lm.device
@@ -239,8 +310,11 @@ def generate(
             kwargs["logits_processor"] = LogitsProcessorList(
                 [PerRowGumbelSampler(per_row, decoding.temperature, decoding.top_p, decoding.top_k)]
             )
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        new = out[:, ids.shape[1] :].tolist()
+        if decoding.loop == LOOP_SHRINKING:
+            new = _decode_shrinking(model, ids.to(device), mask.to(device), kwargs)
+        else:
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            new = out[:, ids.shape[1] :].tolist()
         for j, i in enumerate(batch):
             text, raw, reason, which, n_new = _finish_row(lm, new[j], decoding.stop_strings)
             n_tokens += n_new
