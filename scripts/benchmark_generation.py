@@ -59,6 +59,35 @@ def plain_loop(lm, prompts: list[str], max_new_tokens: int) -> tuple[list[str], 
     return texts, n_tok, time.perf_counter() - t0
 
 
+def vllm_beside_hf(lm, prompts: list[str], args, hf_gens) -> dict:
+    """vLLM (utils/vllm_engine.py) on the same prompts, greedy, the same stop strings as the
+    HF engine's shrinking-loop row it is compared with; load time kept apart."""
+    from utils.vllm_engine import ENGINE_KEY, BackendConfig, VllmEngine
+
+    engine = VllmEngine(lm, BackendConfig(backend="vllm", max_model_len=2048))
+    lm.derived_cache[ENGINE_KEY] = engine
+    try:
+        dc = DecodingConfig(max_new_tokens=args.max_new_tokens, batch_size=max(args.batch_sizes),
+                            stop_strings=RESPONSE_STOP_STRINGS)  # fmt: skip
+        t0 = time.perf_counter()
+        gens = generate(lm, prompts, dc, progress=True, desc="vllm")
+        secs = time.perf_counter() - t0
+    finally:
+        del lm.derived_cache[ENGINE_KEY]
+    pairs = list(zip(gens, hf_gens, strict=True))
+    return {
+        "load_s": engine.load_s,
+        "identical": sum(a.text == b.text for a, b in pairs),
+        "same_first_80_chars": sum(a.text[:80] == b.text[:80] for a, b in pairs),
+        "row": {
+            "mode": "vllm (load apart)",
+            "batch_size": len(prompts),
+            "tokens": sum(g.n_new_tokens for g in gens),
+            "seconds": secs,
+        },  # fmt: skip
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--plain-prompts", type=int, default=8, help="prompts timed in the plain loop")
     ap.add_argument("--json", default="runs/benchmarks/generation.json")
+    ap.add_argument("--vllm", action="store_true",
+                    help="also time vLLM (requirements-vllm.txt) on the same prompts")  # fmt: skip
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -108,12 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"mode": f"stops {loop}", "batch_size": dc.batch_size,
                      "tokens": sum(g.n_new_tokens for g in gens), "seconds": secs})  # fmt: skip
     loops_identical = [g.text for g in loops["shrinking"]] == [g.text for g in loops["hf_generate"]]
+    vllm_result = None
+    if args.vllm:
+        vllm_result = vllm_beside_hf(lm, prompts, args, loops["shrinking"])
+        rows.append(vllm_result.pop("row"))
     plain_tps = plain_tok / plain_s
     for r in rows:
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         r["speedup_vs_plain"] = r["tokens_per_s"] / plain_tps
         r["fraction_of_matmul_ceiling"] = r["tokens_per_s"] * flop_per_token / (gflops * 1e9)
     best = max(rows, key=lambda r: r["tokens_per_s"])
+    if vllm_result:
+        shrink_row = next(r for r in rows if r["mode"] == "stops shrinking")
+        vllm_result["speedup_vs_hf_engine"] = rows[-1]["tokens_per_s"] / shrink_row["tokens_per_s"]
     result = {
         "model": lm.provenance["model_id"],
         "matmul_gflops_fp32": gflops,
@@ -125,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "shrinking_loop_speedup_vs_hf_generate": rows[-1]["seconds"]
         and rows[-2]["seconds"] / rows[-1]["seconds"],
         "shrinking_loop_outputs_identical_to_hf_generate": loops_identical,
+        "vllm": vllm_result,
         "best_speedup_vs_plain": best["speedup_vs_plain"],
         "best_batch_size": best["batch_size"],
         "rows": rows,
@@ -143,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"greedy outputs identical to the plain loop: {identical}")
     print(f"with stop strings: shrinking loop {result['shrinking_loop_speedup_vs_hf_generate']:.2f}x "
           f"transformers' generate, same texts: {loops_identical}")  # fmt: skip
+    if vllm_result:
+        print(f"vLLM: load {vllm_result['load_s']:.1f} s; {vllm_result['speedup_vs_hf_engine']:.2f}x "
+              f"the HF engine without its load; greedy texts identical on "
+              f"{vllm_result['identical']}/{len(prompts)}, same first 80 characters on "
+              f"{vllm_result['same_first_80_chars']}/{len(prompts)}")  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

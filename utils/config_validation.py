@@ -217,6 +217,7 @@ def _parsers() -> dict[str, tuple[type | None, Callable[[dict[str, Any]], Any]]]
     from utils.sft import SFTStageConfig
     from utils.stage1 import Stage1Config
     from utils.verified_sampling import VerifiedConfig
+    from utils.vllm_engine import BackendConfig
 
     def stage1(d: dict[str, Any]) -> Any:
         QCGates.from_dict(d.get("gates") or {})
@@ -234,6 +235,7 @@ def _parsers() -> dict[str, tuple[type | None, Callable[[dict[str, Any]], Any]]]
         "dpo": (DPOStageConfig, DPOStageConfig.from_dict),
         "cai": (CAIConfig, CAIConfig.from_dict),
         "eval": (EvalConfig, EvalConfig.from_dict),
+        "generation": (BackendConfig, BackendConfig.from_dict),
     }
 
 

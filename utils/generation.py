@@ -277,6 +277,14 @@ def generate(
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     encoded = [lm.encode(p, allow_control_tokens=allow_control_tokens) for p in prompts]
+    from utils.vllm_engine import attached_engine
+
+    engine = attached_engine(lm)
+    if engine is not None:  # generation.backend resolved to vLLM (utils/vllm_engine.py)
+        if not allow_control_tokens:
+            for i, r in enumerate(encoded):
+                lm.check_ids(r, where=f"prompt {i}")
+        return engine.generate(lm, prompts, encoded, decoding, seeds, progress)
     # Length-sorted batches waste little compute on padding; identical prompts side by side
     # (prefilled once); a total order, so the grouping is reproducible.
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), encoded[i], i))

@@ -92,7 +92,7 @@ def _pairs_args(rounds: int) -> Callable[[Path], list[str]]:
     return args
 
 
-VERIFIED_SECTIONS = ("model", "verified", "critic", "constraints")
+VERIFIED_SECTIONS = ("model", "verified", "critic", "constraints", "generation")
 
 
 def round_stages(rounds: int) -> list[Stage]:
@@ -138,7 +138,7 @@ def build_stages(cfg: dict[str, Any]) -> tuple[Stage, ...]:
             "stage1",
             "scripts/generate_stage1_sft_data.py",
             # the critic filters instructions; constraints augments them
-            sections=("model", "stage1", "critic", "constraints"),
+            sections=("model", "stage1", "critic", "constraints", "generation"),
             inputs=(),
             args=lambda run: ["--out", str(run / "stage1")],
         ),
@@ -154,7 +154,7 @@ def build_stages(cfg: dict[str, Any]) -> tuple[Stage, ...]:
         Stage(
             "cai_pairs",
             "scripts/generate_cai_pairs.py",
-            sections=("model", "cai"),
+            sections=("model", "cai", "generation"),
             inputs=(
                 "stage1/constrained.jsonl",
                 "sft/adapter/adapter_model.safetensors",

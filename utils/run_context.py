@@ -56,6 +56,7 @@ class StageRun:
     t0: float = field(default_factory=time.perf_counter)
     lm: LoadedModel | None = None
     sentinel: dict[str, Any] | None = None
+    generation_backend: dict[str, Any] | None = None
 
     @classmethod
     def start(
@@ -71,6 +72,10 @@ class StageRun:
         loader, name = CleanModelLoader.from_config(section(self.cfg, "model"))
         self.lm = loader.load(name)
         self.sentinel = run_configured_sentinels(self.lm, self.cfg.get("sentinels", {}))
+        from utils.vllm_engine import attach_backend
+
+        # generation.backend: the HF engine, or vLLM for the base model's sampling
+        self.generation_backend = attach_backend(self.lm, self.cfg.get("generation"))
         return self.lm
 
     def finish(
@@ -85,6 +90,7 @@ class StageRun:
             reason=reason,
             model=self.lm.provenance if self.lm else None,
             sentinels=self.sentinel,
+            generation_backend=self.generation_backend,
             wall_time_s=round(time.perf_counter() - self.t0, 1),
             **fields,
         )
