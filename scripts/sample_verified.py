@@ -27,7 +27,7 @@ from utils.config import add_config_args, section  # noqa: E402
 from utils.constraint_library import constraints_from_config  # noqa: E402
 from utils.critic import CriticConfig, histogram, print_summary_table  # noqa: E402
 from utils.errors import EXIT_OK, InputMissingError, as_input_error  # noqa: E402
-from utils.jsonl_io import read_jsonl, write_json_atomic  # noqa: E402
+from utils.jsonl_io import RECORD_ID, read_jsonl, write_json_atomic  # noqa: E402
 from utils.run_context import StageRun, stage_main  # noqa: E402
 from utils.verified_sampling import (  # noqa: E402
     POLICY_BASE,
@@ -70,7 +70,9 @@ def run_stage(args: argparse.Namespace, out: Path) -> int:
         records = load_constrained(data_path, split)
         if not records:
             raise ValueError(f"{data_path}: no constrained instructions")
-        previous = read_jsonl(args.previous) if args.previous else []
+        # The previous round's SFT data joins this round's: the fields load_stage1 trains on.
+        sft_fields = {"id": RECORD_ID, "instruction": str, "response": str}
+        previous = read_jsonl(args.previous, sft_fields) if args.previous else []
         demos = allowed_demos(load_response_examples(), split)
     if policy != POLICY_BASE and not Path(policy).is_dir():
         raise InputMissingError(f"{policy}: no policy adapter directory")

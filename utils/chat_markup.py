@@ -115,13 +115,17 @@ def find_chat_markup(text: str, loose: bool = False) -> str | None:
 
 
 def scan_records_for_chat_markup(
-    records: Sequence[Mapping[str, Any]], path: str | Path, fields: Sequence[str]
+    records: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    fields: Sequence[str],
+    lines: Sequence[int] | None = None,
 ) -> None:
-    """Raise ``JsonlError`` (file, record number as the line, field) at the first record whose
-    text ``fields`` hold chat markup of any family. Records are numbered from 1 in file order,
-    which is their line in the JSONL files this project writes (no blank lines). Fields that
-    are missing or not strings are left to the caller's own validation."""
+    """Raise ``JsonlError`` (file, line, field) at the first record whose text ``fields`` hold
+    chat markup of any family. ``lines``: each record's line (``read_jsonl_numbered``); without
+    it the record number is taken as the line (true of the files this project writes, which
+    have no blank lines). Fields that are missing or not strings are left to the caller."""
     for n, record in enumerate(records, start=1):
+        line = lines[n - 1] if lines is not None else n
         for field in fields:
             value = record.get(field)
             if not isinstance(value, str):
@@ -131,7 +135,7 @@ def scan_records_for_chat_markup(
                 rid = f" (id {record['id']!r})" if "id" in record else ""
                 raise JsonlError(
                     path,
-                    n,
+                    line,
                     f"record {n}{rid} contains {hit.family} chat markup {hit.marker!r} at "
                     f"character {hit.offset}; training on it would teach that chat format's "
                     "turns (drop the record, or fix the stage that wrote it)",

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.chat_markup import find_chat_markup as _find_markup
-from utils.jsonl_io import JsonlError, read_jsonl
+from utils.jsonl_io import JsonlError, read_jsonl_numbered
 from utils.response_format import INSTRUCTION_HEADER, RESPONSE_HEADER, format_few_shot_prompt
 
 # Responses stop where the model starts the next "Instruction:" block (the shared format).
@@ -166,12 +166,6 @@ def example_id(record: Mapping[str, Any]) -> str:
 # Pools.
 
 
-def _record_lines(path: Path) -> list[int]:
-    # read_jsonl skips blank lines, so record i sits on the i-th non-blank line.
-    with path.open("r", encoding="utf-8") as f:
-        return [n for n, line in enumerate(f, start=1) if line.strip()]
-
-
 def _validate_checks(value: Any, response: str, path: Path, line: int) -> None:
     if not isinstance(value, list) or not value:
         raise JsonlError(path, line, "must be a non-empty list of {id, kwargs}", "checks")
@@ -213,13 +207,12 @@ def load_pool(path: str | Path, require_response: bool = False) -> list[dict[str
     """
     path = Path(path)
     required = ("instruction", "type", "response") if require_response else ("instruction", "type")
-    records = read_jsonl(path, required=required)
+    records = read_jsonl_numbered(path, required=required, optional={"type": str})
     if not records:
         raise ValueError(f"{path}: pool is empty")
-    lines = _record_lines(path)
     seen: dict[str, int] = {}
     pool = []
-    for record, line in zip(records, lines, strict=True):
+    for line, record in records:
         extra = sorted(set(record) - _POOL_FIELDS)
         if extra:
             raise JsonlError(

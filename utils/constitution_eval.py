@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from utils.dedup import DEFAULT_THRESHOLD, leakage_check, normalize_text, text_similarity
-from utils.jsonl_io import JsonlError, read_jsonl
+from utils.jsonl_io import JsonlError, read_jsonl_numbered
 from utils.response_format import format_completion, format_prompt
 
 if TYPE_CHECKING:
@@ -79,14 +79,12 @@ PRINCIPLE_FIELDS = ("id", "principle", "split", "instruction", "follows", "break
 
 def _records_with_lines(path: Path, fields: Sequence[str]) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) of every record, each field a non-empty string, ids unique."""
-    records = read_jsonl(path, required=fields)
-    with path.open("r", encoding="utf-8") as f:
-        lines = [n for n, line in enumerate(f, start=1) if line.strip()]
+    records = read_jsonl_numbered(path, required=fields)
     if not records:
         raise ValueError(f"{path}: no records")
     seen: dict[str, int] = {}
     out = []
-    for line, record in zip(lines, records, strict=True):
+    for line, record in records:
         unknown = sorted(set(record) - set(fields))
         if unknown:
             raise JsonlError(path, line, f"unknown field (expected {list(fields)})", unknown[0])

@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 from utils.chat_markup import scan_records_for_chat_markup
 from utils.clean_model_loader import LoadedModel, adapter_hash, attach_adapter
 from utils.errors import ProjectInputError
-from utils.jsonl_io import read_jsonl
+from utils.jsonl_io import NULL, NUMBER, RECORD_ID, JsonlError, read_jsonl, read_jsonl_numbered
 from utils.mask_audit import (
     MaskAuditError,
     audit_rows,
@@ -156,18 +156,23 @@ def load_pairs(
     ``rejected`` (format_completion form: a leading space, no EOS; the trainer appends EOS), and
     may carry ``soft_label`` = P(chosen is better) in [0.5, 1]; without one it is 1.0 (counted)."""
     path = Path(path)
-    records = read_jsonl(path, required=("id", "prompt", "chosen", "rejected"))
-    scan_records_for_chat_markup(records, path, ("prompt", "chosen", "rejected"))
+    numbered = read_jsonl_numbered(
+        path,
+        {"id": RECORD_ID, "prompt": str, "chosen": str, "rejected": str},
+        optional={"margin": (*NUMBER, NULL)},  # soft_label: checked below, null = absent
+    )
+    records = [r for _, r in numbered]
+    scan_records_for_chat_markup(
+        records, path, ("prompt", "chosen", "rejected"), [n for n, _ in numbered]
+    )
     pairs, seen, below, no_label = [], set(), [], 0
-    for n, r in enumerate(records, start=1):
+    for n, r in numbered:
         rid = str(r["id"])
         where = f"{path}:{n} (id {rid!r})"
         if rid in seen:
             raise ValueError(f"{where}: duplicate id")
         seen.add(rid)
         p, c, j = r["prompt"], r["chosen"], r["rejected"]
-        if not all(isinstance(x, str) for x in (p, c, j)):
-            raise ValueError(f"{where}: prompt, chosen and rejected must be strings")
         if not (p.startswith(INSTRUCTION_HEADER) and p.endswith(RESPONSE_HEADER)):
             raise ValueError(
                 f"{where}: prompt is not in the shared format 'Instruction: ...\\nResponse:' "
@@ -185,7 +190,10 @@ def load_pairs(
         no_label += soft is None
         soft = 1.0 if soft is None else soft
         if isinstance(soft, bool) or not isinstance(soft, (int, float)) or not 0.5 <= soft <= 1:
-            raise ValueError(f"{where}: soft_label must be a number in [0.5, 1], got {soft!r}")
+            raise JsonlError(
+                path, n, f"(id {rid!r}) soft_label must be a number in [0.5, 1], got {soft!r}",
+                "soft_label",
+            )  # fmt: skip
         if min_margin is not None:
             m = r.get("margin")
             if m is None:

@@ -897,7 +897,7 @@ def load_train_instructions(run_dir: Path) -> list[str] | None:
     path = Path(run_dir) / "stage1" / "train.jsonl"
     if not path.exists():
         return None
-    return [r["instruction"] for r in read_jsonl(path, required=("instruction",))]
+    return [r["instruction"] for r in read_jsonl(path, required={"instruction": str})]
 
 
 def task_of(prompt: str) -> str:

@@ -62,7 +62,15 @@ from utils.critic import (
     score_responses,
     strength_preference,
 )
-from utils.jsonl_io import JsonlAppender, JsonlError, read_jsonl, resume
+from utils.jsonl_io import (
+    NULL,
+    RECORD_ID,
+    JsonlAppender,
+    JsonlError,
+    read_jsonl,
+    read_jsonl_numbered,
+    resume,
+)
 from utils.response_format import (
     RESPONSE_STOP_STRINGS,
     clean_response,
@@ -553,17 +561,18 @@ def judge_candidates(
 
 def load_training_instructions(path: str | Path) -> list[dict[str, Any]]:
     """Stage-1 training records (id, instruction, type required; ids unique)."""
-    records = read_jsonl(path, required=("id", "instruction", "type"))
+    fields = {"id": RECORD_ID, "instruction": str, "type": (str, NULL)}
+    numbered = read_jsonl_numbered(path, fields)
     seen: dict[Any, int] = {}
-    for k, r in enumerate(records, start=1):
-        if not isinstance(r["instruction"], str) or not r["instruction"].strip():
+    for k, r in numbered:
+        if not r["instruction"].strip():
             raise JsonlError(path, k, "instruction is empty", "instruction")
         if r["id"] in seen:
             raise JsonlError(
-                path, k, f"duplicate id {r['id']!r} (first at record {seen[r['id']]})", "id"
+                path, k, f"duplicate id {r['id']!r} (first on line {seen[r['id']]})", "id"
             )
         seen[r["id"]] = k
-    return records
+    return [r for _, r in numbered]
 
 
 def run_preference_pairs(

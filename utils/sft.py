@@ -41,7 +41,15 @@ from utils.clean_model_loader import (
     write_adapter_manifest,
 )
 from utils.errors import ProjectInputError
-from utils.jsonl_io import JsonlAppender, read_jsonl, resume, write_json_atomic, write_jsonl_atomic
+from utils.jsonl_io import (
+    RECORD_ID,
+    JsonlAppender,
+    read_jsonl,
+    read_jsonl_numbered,
+    resume,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from utils.mask_audit import (
     MaskAuditError,
     audit_rows,
@@ -711,9 +719,14 @@ def load_stage1(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Stage-1 records as SFT examples, plus the data facts for the manifest."""
     data_path = Path(data_path)
-    records = read_jsonl(data_path, required=("id", "instruction", "response"))
+    numbered = read_jsonl_numbered(
+        data_path, {"id": RECORD_ID, "instruction": str, "response": str}
+    )
+    records = [r for _, r in numbered]
     # Other families' chat markup is plain text to this tokenizer; refuse it before training.
-    scan_records_for_chat_markup(records, data_path, ("instruction", "response"))
+    scan_records_for_chat_markup(
+        records, data_path, ("instruction", "response"), [n for n, _ in numbered]
+    )
     examples = sft_examples(records, where=str(data_path))
     info: dict[str, Any] = {
         "path": str(data_path),
@@ -721,6 +734,6 @@ def load_stage1(
         "n_records": len(records),
     }
     if test_path is not None and Path(test_path).exists():
-        check_no_test_overlap(examples, read_jsonl(test_path))
+        check_no_test_overlap(examples, read_jsonl(test_path, optional={"instruction": str}))
         info["test_overlap_checked"] = str(test_path)
     return examples, info

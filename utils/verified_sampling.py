@@ -43,7 +43,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from utils.constraint_library import LIBRARY, TypeSplit, eval_phrasing_match
-from utils.jsonl_io import JsonlAppender, JsonlError, read_jsonl, resume, write_jsonl_atomic
+from utils.jsonl_io import (
+    RECORD_ID,
+    JsonlAppender,
+    JsonlError,
+    read_jsonl,
+    read_jsonl_numbered,
+    resume,
+    write_jsonl_atomic,
+)
 from utils.response_format import (
     RESPONSE_STOP_STRINGS,
     clean_response,
@@ -471,21 +479,23 @@ def judge_samples(
 def load_constrained(path: str | Path, split: TypeSplit) -> list[dict[str, Any]]:
     """Constrained training instructions (stage 1's ``constrained.jsonl``), validated: known
     TRAIN types only, kwargs beside each id, no evaluation phrasing."""
-    records = read_jsonl(path, required=("id", "task", "instruction", "instruction_ids", "kwargs"))
+    fields = {"id": RECORD_ID, "task": str, "instruction": str, "instruction_ids": list,
+              "kwargs": list}  # fmt: skip
+    numbered = read_jsonl_numbered(path, fields)
     seen: set[str] = set()
-    for n, r in enumerate(records, start=1):
+    for n, r in numbered:
         if r["id"] in seen:
             raise JsonlError(path, n, f"duplicate id {r['id']!r}", "id")
         seen.add(r["id"])
-        if not isinstance(r["instruction"], str) or not r["instruction"].strip():
+        if not r["instruction"].strip():
             raise JsonlError(path, n, "must be a non-empty string", "instruction")
         ids, kws = r["instruction_ids"], r["kwargs"]
-        if not isinstance(ids, list) or not isinstance(kws, list) or len(ids) != len(kws):
+        if len(ids) != len(kws):
             raise JsonlError(
                 path, n, "instruction_ids and kwargs must be lists of equal length", "kwargs"
             )
         for t in ids:
-            if t not in LIBRARY:
+            if not isinstance(t, str) or t not in LIBRARY:
                 raise JsonlError(path, n, f"unknown constraint type {t!r}", "instruction_ids")
             if t in split.held_out:
                 raise JsonlError(
@@ -494,7 +504,7 @@ def load_constrained(path: str | Path, split: TypeSplit) -> list[dict[str, Any]]
         hit = eval_phrasing_match(r["instruction"])
         if hit:
             raise JsonlError(path, n, f"uses an evaluation phrasing of {hit}", "instruction")
-    return records
+    return [r for _, r in numbered]
 
 
 def accumulate(
