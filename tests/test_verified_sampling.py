@@ -209,8 +209,17 @@ def test_round_one_demonstrations_are_train_types_only_with_the_own_type_last():
     rec = {"instruction": "Describe a harbour. Reply using only lowercase letters.",
            "instruction_ids": ["change_case:english_lowercase"]}  # fmt: skip
     shots = fewshot_demos(rec, demos, 3, random.Random(0))
-    assert len(shots) == 3
-    assert shots[-1]["checks"][0]["id"] == "change_case:english_lowercase"
+    own_ids = [{c["id"] for c in e.get("checks") or []} for e in demos]
+    lower = [e for e, o in zip(demos, own_ids, strict=True) if "change_case:english_lowercase" in o]
+    assert len(shots) == 3 and len({e["instruction"] for e in shots}) == 3
+    # As many demonstrations of the record's own type as the pool has (up to k), last.
+    n_own = min(3, len(lower))
+    assert all(e in lower for e in shots[-n_own:]) and n_own >= 2
+    two = {**rec, "instruction_ids": ["change_case:english_lowercase", "keywords:existence"]}
+    shots = fewshot_demos(two, demos, 3, random.Random(1))
+    own = [{c["id"] for c in e.get("checks") or []} for e in shots]
+    assert any("keywords:existence" in o for o in own)
+    assert any("change_case:english_lowercase" in o for o in own)
 
 
 def test_training_record_audit_catches_held_out_types_and_eval_phrasings():

@@ -160,18 +160,25 @@ def allowed_demos(pool: Sequence[Mapping[str, Any]], split: TypeSplit) -> list[M
 def fewshot_demos(
     record: Mapping[str, Any], demos: Sequence[Mapping[str, Any]], k: int, rng: random.Random
 ) -> list[Mapping[str, Any]]:
-    """k demonstrations: one per constraint type of ``record`` where the pool has one (placed
-    last, nearest the target), the rest drawn at random from the others."""
+    """k demonstrations, as many as the pool has of ``record``'s own constraint types (taken in
+    turn over its types, placed last, nearest the target: a 270M model copies the format it
+    has just seen), the rest drawn at random from the others."""
+    pools = [
+        [e for e in demos if t in [c["id"] for c in e.get("checks") or []]]
+        for t in record["instruction_ids"]
+    ]
+    for pool in pools:
+        rng.shuffle(pool)
     typed: list[Mapping[str, Any]] = []
-    for t in record["instruction_ids"]:
-        same = [
-            e for e in demos if t in [c["id"] for c in e.get("checks") or []] and e not in typed
-        ]
-        if same and len(typed) < k:
-            typed.append(rng.choice(same))
+    while len(typed) < k and any(pools):
+        for pool in pools:
+            while pool and pool[-1] in typed:
+                pool.pop()
+            if pool and len(typed) < k:
+                typed.append(pool.pop())
     rest = [e for e in demos if e not in typed and e["instruction"] != record["instruction"]]
     others = rng.sample(rest, min(k - len(typed), len(rest)))
-    return [*others, *typed]
+    return [*others, *typed[::-1]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,18 +409,18 @@ def sample_candidates(
     )  # fmt: skip
     prompts, seeds = [], []
     for rec in records:
+        if policy == POLICY_BASE:
+            # One prompt for the k samples of an instruction: the engine prefills it once.
+            rng = random.Random(f"{cfg.seed}:{round_index}:{rec['id']}")
+            shots = fewshot_demos(rec, demos, cfg.fewshot_examples, rng)
+            prompt = format_few_shot_prompt(
+                [(e["instruction"], e["response"]) for e in shots], rec["instruction"]
+            )
+        else:
+            prompt = format_prompt(rec["instruction"])
         for c in range(cfg.num_candidates):
-            seed = _candidate_seed(cfg, round_index, c)
-            if policy == POLICY_BASE:
-                rng = random.Random(f"{seed}:{rec['id']}")
-                shots = fewshot_demos(rec, demos, cfg.fewshot_examples, rng)
-                prompt = format_few_shot_prompt(
-                    [(e["instruction"], e["response"]) for e in shots], rec["instruction"]
-                )
-            else:
-                prompt = format_prompt(rec["instruction"])
             prompts.append(prompt)
-            seeds.append(seed)
+            seeds.append(_candidate_seed(cfg, round_index, c))
     ctx = base_only(lm) if policy == POLICY_BASE else contextlib.nullcontext()
     with ctx:
         gens = generate(
