@@ -24,7 +24,11 @@ def qwen_tokenizer_dir() -> Path:
 
 
 def build_tiny_qwen(
-    out_dir: Path, tokenizer_dir: Path, eos_token: str = "<|endoftext|>", seed: int = 0
+    out_dir: Path,
+    tokenizer_dir: Path,
+    eos_token: str = "<|endoftext|>",
+    seed: int = 0,
+    hidden_size: int = 64,
 ) -> Path:
     """A 2-layer random-weight Qwen2ForCausalLM on the real Qwen2.5 vocabulary: the real Qwen2
     code path in seconds. The tokenizer keeps its chat template, as Qwen2.5 base ships it."""
@@ -35,8 +39,8 @@ def build_tiny_qwen(
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,  # 4 heads: head_dim = hidden_size / 4
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

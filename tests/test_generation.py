@@ -180,3 +180,14 @@ def test_shrinking_loop_gives_hf_generates_tokens_on_gemma(gemma):
     assert [g.text for g in shrink] == [g.text for g in hf]
     assert [g.n_new_tokens for g in shrink] == [g.n_new_tokens for g in hf]
     assert len({g.n_new_tokens for g in shrink}) > 1  # rows really finished at different steps
+
+
+def test_the_kv_cache_keyword_is_one_the_models_forward_takes(tiny_qwen):
+    """KNOWN_BUGS 36: transformers before 5.2x names the forward's cache ``past_key_values``
+    and swallows an unknown ``cache=`` in **kwargs, so the loop decoded without its past."""
+    import inspect
+
+    from utils.generation import _cache_kwarg
+
+    forward = inspect.signature(tiny_qwen.model.forward).parameters
+    assert _cache_kwarg(tiny_qwen.model) in forward

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -209,6 +210,15 @@ def _finish_row(
     return decoded, decoded, STOP_LIMIT, None, len(new_ids)
 
 
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before (an unknown keyword is swallowed by ``**kwargs`` there, and the
+    model would decode every step without its past: KNOWN_BUGS 36)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _decode_shrinking(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]
 ) -> list[list[int]]:
@@ -221,6 +231,7 @@ def _decode_shrinking(
     sampler = next(iter(kwargs.get("logits_processor") or []), None)
     stop = next(iter(kwargs.get("stopping_criteria") or []), None)
     cache = DynamicCache(config=model.config)
+    kv = _cache_kwarg(model)
     position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     active = list(range(ids.shape[0]))
     new: list[list[int]] = [[] for _ in active]
@@ -230,7 +241,7 @@ def _decode_shrinking(
     unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
     first = [int((inverse == u).nonzero()[0]) for u in range(unique.shape[0])]
     out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=position[first],
-                cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+                **{kv: cache}, use_cache=True, logits_to_keep=1)  # fmt: skip
     logits = out.logits[:, -1, :][inverse]
     if first != active:  # rows shared, or torch.unique sorted them: back to the batch's order
         cache.batch_select_indices(inverse)
@@ -255,7 +266,7 @@ def _decode_shrinking(
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         last = last + 1
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last, cache=cache,
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last, **{kv: cache},
                     use_cache=True, logits_to_keep=1)  # fmt: skip
     return new
 
