@@ -210,6 +210,29 @@ def _finish_row(
     return decoded, decoded, STOP_LIMIT, None, len(new_ids)
 
 
+def finished_generation(
+    lm: LoadedModel,
+    prompt: str,
+    prompt_ids: Sequence[int],
+    new_ids: list[int],
+    decoding: DecodingConfig,
+    seed: int,
+) -> Generation:
+    """The ``Generation`` for one row's new token ids, cut by ``_finish_row`` (shared by the HF
+    engine and the vLLM backend, so both report stops and counts by the same rule)."""
+    text, raw, reason, which, n_new = _finish_row(lm, new_ids, decoding.stop_strings)
+    return Generation(
+        prompt=prompt,
+        text=text,
+        raw_completion=raw,
+        stop_reason=reason,
+        matched_stop=which,
+        n_prompt_tokens=len(prompt_ids),
+        n_new_tokens=n_new,
+        seed=seed if decoding.do_sample else None,
+    )
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """The forward keyword for the KV cache: ``cache`` from transformers 5.2x on,
     ``past_key_values`` before (an unknown keyword is swallowed by ``**kwargs`` there, and the
@@ -288,13 +311,13 @@ def generate(
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     encoded = [lm.encode(p, allow_control_tokens=allow_control_tokens) for p in prompts]
+    if not allow_control_tokens:
+        for i, r in enumerate(encoded):
+            lm.check_ids(r, where=f"prompt {i}")  # the ids fed to either engine
     from utils.vllm_engine import attached_engine
 
     engine = attached_engine(lm)
     if engine is not None:  # generation.backend resolved to vLLM (utils/vllm_engine.py)
-        if not allow_control_tokens:
-            for i, r in enumerate(encoded):
-                lm.check_ids(r, where=f"prompt {i}")
         return engine.generate(lm, prompts, encoded, decoding, seeds, progress)
     # Length-sorted batches waste little compute on padding; identical prompts side by side
     # (prefilled once); a total order, so the grouping is reproducible.
@@ -306,9 +329,6 @@ def generate(
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress, leave=False)
     for batch in _batches(order, decoding.batch_size):
         rows = [encoded[i] for i in batch]
-        if not allow_control_tokens:
-            for i, r in zip(batch, rows, strict=True):
-                lm.check_ids(r, where=f"prompt {i}")  # the ids actually fed, not re-encoded text
         ids, mask = _pad_left(rows, pad_id)
         kwargs: dict[str, Any] = {
             "max_new_tokens": decoding.max_new_tokens,
@@ -335,18 +355,8 @@ def generate(
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             new = out[:, ids.shape[1] :].tolist()
         for j, i in enumerate(batch):
-            text, raw, reason, which, n_new = _finish_row(lm, new[j], decoding.stop_strings)
-            n_tokens += n_new
-            results[i] = Generation(
-                prompt=prompts[i],
-                text=text,
-                raw_completion=raw,
-                stop_reason=reason,
-                matched_stop=which,
-                n_prompt_tokens=len(encoded[i]),
-                n_new_tokens=n_new,
-                seed=seeds[i] if decoding.do_sample else None,
-            )
+            results[i] = finished_generation(lm, prompts[i], encoded[i], new[j], decoding, seeds[i])
+            n_tokens += results[i].n_new_tokens
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
     bar.close()

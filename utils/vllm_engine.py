@@ -139,7 +139,7 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from utils.generation import Generation, _finish_row, row_seed
+        from utils.generation import finished_generation, row_seed
 
         params = []
         for prompt, seed in zip(prompts, seeds, strict=True):
@@ -164,23 +164,10 @@ class VllmEngine:
             sampling_params=params,
             use_tqdm=progress,
         )
-        results = []
-        for prompt, ids, seed, out in zip(prompts, encoded, seeds, outs, strict=True):
-            new = list(out.outputs[0].token_ids)
-            text, raw, reason, which, n_new = _finish_row(lm, new, decoding.stop_strings)
-            results.append(
-                Generation(
-                    prompt=prompt,
-                    text=text,
-                    raw_completion=raw,
-                    stop_reason=reason,
-                    matched_stop=which,
-                    n_prompt_tokens=len(ids),
-                    n_new_tokens=n_new,
-                    seed=seed if decoding.do_sample else None,
-                )  # fmt: skip
-            )
-        return results
+        return [
+            finished_generation(lm, prompt, ids, list(out.outputs[0].token_ids), decoding, seed)
+            for prompt, ids, seed, out in zip(prompts, encoded, seeds, outs, strict=True)
+        ]
 
 
 def attach_backend(lm: LoadedModel, gen_cfg: dict[str, Any] | None) -> dict[str, Any]:
