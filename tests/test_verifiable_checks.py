@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from utils import instruction_checkers as ic
 from utils import verifiable_checks as vc
 
 # (instruction id, kwargs, responses that pass, responses that fail), all judged by hand.
@@ -168,26 +169,26 @@ def test_every_registered_type_has_cases():
 
 
 def test_count_words_exact():
-    assert vc.count_words("Hello, world! It's 3.5 km.") == 7
-    assert vc.count_words("") == 0
-    assert vc.count_words("snake_case counts once") == 3
+    assert ic.count_words("Hello, world! It's 3.5 km.") == 7
+    assert ic.count_words("") == 0
+    assert ic.count_words("snake_case counts once") == 3
 
 
 def test_count_sentences_exact():
-    assert vc.count_sentences("One. Two! Three?") == 3
-    assert vc.count_sentences("Mr. Smith paid $3.50 at the U.S. shop. He left.") == 2
-    assert vc.count_sentences("No final punctuation") == 1
-    assert vc.count_sentences("Wait... what?") == 2
-    assert vc.count_sentences("") == 0
-    assert vc.split_into_sentences("Hi there. How are you?") == ["Hi there.", "How are you?"]
+    assert ic.count_sentences("One. Two! Three?") == 3
+    assert ic.count_sentences("Mr. Smith paid $3.50 at the U.S. shop. He left.") == 2
+    assert ic.count_sentences("No final punctuation") == 1
+    assert ic.count_sentences("Wait... what?") == 2
+    assert ic.count_sentences("") == 0
+    assert ic.split_into_sentences("Hi there. How are you?") == ["Hi there.", "How are you?"]
 
 
 def test_counts_exact():
-    assert vc.count_bullets("* a\n- b\n** c\n***\n  * d\n-5 degrees") == 4
-    assert vc.count_highlights("*a* **b** * * *c\nd*") == 2
-    assert vc.count_paragraphs("a\n\nb *** c") == 3
-    assert vc.count_paragraphs("*** a ***") == 1
-    assert vc.count_paragraphs("a *** *** b") is None
+    assert ic.count_bullets("* a\n- b\n** c\n***\n  * d\n-5 degrees") == 4
+    assert ic.count_highlights("*a* **b** * * *c\nd*") == 2
+    assert ic.count_paragraphs("a\n\nb *** c") == 3
+    assert ic.count_paragraphs("*** a ***") == 1
+    assert ic.count_paragraphs("a *** *** b") is None
 
 
 def test_empty_response_never_follows():
@@ -247,11 +248,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown instruction id 'nope'"):
         vc.check_instruction("nope", "text", {})
     with pytest.raises(ValueError, match="relation must be one of"):
-        vc.check_number_words("a b", num_words=3, relation="about")
+        ic.check_number_words("a b", num_words=3, relation="about")
     with pytest.raises(ValueError, match="num_bullets must be a positive int"):
-        vc.check_number_bullets("* a", num_bullets=0)
+        ic.check_number_bullets("* a", num_bullets=0)
     with pytest.raises(ValueError, match="keywords must be a list"):
-        vc.check_keywords_existence("a", keywords="water")
+        ic.check_keywords_existence("a", keywords="water")
     with pytest.raises(ValueError, match="length_constraints:number_words: bad kwargs"):
         vc.check_instruction("length_constraints:number_words", "a b", {"n": 3})
     with pytest.raises(ValueError, match="2 instruction_ids but 1 kwargs"):

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from utils import instruction_checkers as ic
 from utils import verifiable_checks as vc
 from utils.config import load_config
 from utils.constraint_library import (
@@ -311,7 +312,7 @@ def test_real_relevance_filter_rejects_checker_passing_off_topic_answers(gemma):
     ]  # fmt: skip
     scores = pmi_scores(gemma, [(t, r) for t, r, _ in cases], critic)
     for (task, response, on_topic), s in zip(cases, scores, strict=True):
-        assert vc.check_english_lowercase(response)
+        assert ic.check_english_lowercase(response)
         assert (s["pmi_nats_per_token"] >= threshold) == on_topic, (task, response, s)
 
 

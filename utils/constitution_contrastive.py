@@ -75,6 +75,7 @@ from utils.constitution import (
     sample_principle,
 )
 from utils.critic import _sigmoid, base_only, histogram, pmi_completion, print_summary_table
+from utils.instruction_checkers import count_words
 from utils.jsonl_io import JsonlAppender, read_jsonl, write_jsonl_atomic
 from utils.provenance import config_hash
 from utils.response_format import (
@@ -83,7 +84,7 @@ from utils.response_format import (
     format_completion,
     format_prompt,
 )
-from utils.verifiable_checks import count_words, evaluate_strict
+from utils.verifiable_checks import evaluate_strict
 
 if TYPE_CHECKING:
     from utils.clean_model_loader import LoadedModel
