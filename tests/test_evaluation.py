@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -325,28 +324,37 @@ def test_sentinel_not_importable_is_recorded_as_not_run(monkeypatch):
 def test_sentinel_suite_runs_once_per_model_state_and_is_cached(
     first_run, tmp_path, run_dir, tiny_qwen_dir, monkeypatch
 ):
-    calls = []
+    """The real static sentinel suite (seconds on the tiny model), counted through a wrapper."""
+    from utils import contamination
 
-    def fake_suite(lm, config, trained_arm=False):
-        calls.append((list(lm.adapters), config, trained_arm))
-        return {"verdict": "pass", "n_probes": 2}
+    real_suite, calls = contamination.run_sentinel_suite, []
 
-    module = types.ModuleType("utils.contamination")
-    module.run_sentinel_suite = fake_suite
-    monkeypatch.setitem(sys.modules, "utils.contamination", module)
-    monkeypatch.setattr("utils.contamination", module, raising=False)
-    cfg = small_config(run_sentinels=True, sentinel={"k": 1}, arms=("base", "base_icl", "sft"))
+    def counting_suite(lm, config, trained_arm=None):
+        calls.append((list(lm.adapters), trained_arm))
+        return real_suite(lm, config, trained_arm=trained_arm)
+
+    monkeypatch.setattr(contamination, "run_sentinel_suite", counting_suite)
+    cfg = small_config(
+        run_sentinels=True, sentinel={"mode": "static"}, arms=("base", "base_icl", "sft")
+    )
     spec = ModelSpec(name=str(tiny_qwen_dir))
     shutil.copytree(run_dir / "eval" / "cache", tmp_path / "cache")  # generations are cached
     results = run_evaluation(run_dir, cfg, spec, out_dir=tmp_path, log=lambda _m: None)
     assert all(a["n_generated"] == 0 for a in results["arms"])
-    assert [a["sentinel"]["verdict"] for a in results["arms"]] == ["pass"] * 3
+    sentinels = [a["sentinel"] for a in results["arms"]]
+    assert [(s["status"], s["verdict"]) for s in sentinels] == [("ran", "clean")] * 3
+    for s in sentinels:  # the suite ran as configured: static checks only, every one passed
+        d = s["details"]
+        assert d["config"]["mode"] == "static" and d["weight_probe"] is None
+        assert d["static"] and all(c["passed"] for c in d["static"]), d["static"]
     # base and base_icl share the model state: 2 calls, the second with the adapter attached
-    assert [c[0] == [] for c in calls] == [True, False] and calls[0][1] == {"k": 1}
-    assert [c[2] for c in calls] == [False, True]  # the adapter arm is judged as a trained arm
+    assert [c[0] == [] for c in calls] == [True, False]
+    assert [c[1] for c in calls] == [False, True]  # the adapter arm is judged as a trained arm
+    assert [s["details"]["trained_arm"] for s in sentinels] == [False, False, True]
     counters = Counters(monkeypatch)
-    run_evaluation(run_dir, cfg, spec, out_dir=tmp_path, log=lambda _m: None)
-    assert len(calls) == 2 and counters.loads == 0
+    again = run_evaluation(run_dir, cfg, spec, out_dir=tmp_path, log=lambda _m: None)
+    assert len(calls) == 2 and counters.loads == 0  # verdicts served from the cache
+    assert [a["sentinel"] for a in again["arms"]] == sentinels
 
 
 # ------------------------------------------------------------------- statistics by hand
