@@ -32,11 +32,13 @@ from utils.jsonl_io import write_json_atomic  # noqa: E402
 from utils.provenance import git_commit, package_versions  # noqa: E402
 from utils.sft import (  # noqa: E402
     SFTStageConfig,
-    StepTimer,
     build_sft_trainer,
-    load_base_model,
     sft_args_kwargs,
     sft_examples,
+)
+from utils.training_common import (  # noqa: E402
+    StepTimer,
+    load_base_model,
 )
 
 DEMOS = Path(__file__).resolve().parent.parent / "utils" / "data" / "response_examples.jsonl"

@@ -29,7 +29,12 @@ from utils.dpo import DPOStageConfig, load_pairs, make_dpo_args, run_dpo  # noqa
 from utils.errors import EXIT_OK, STATUS_SKIPPED, InputMissingError, as_input_error  # noqa: E402
 from utils.provenance import write_manifest  # noqa: E402
 from utils.run_context import stage_main  # noqa: E402
-from utils.sft import MODEL_KEYS, load_base_model, resolve_device, split_dev  # noqa: E402
+from utils.training_common import (  # noqa: E402
+    MODEL_KEYS,
+    load_base_model,
+    resolve_device,
+    split_dev,
+)
 
 
 def print_summary(out: Path, s: dict) -> None:

@@ -28,13 +28,16 @@ from utils.errors import EXIT_OK, as_input_error  # noqa: E402
 from utils.provenance import write_manifest  # noqa: E402
 from utils.run_context import stage_main  # noqa: E402
 from utils.sft import (  # noqa: E402
-    MODEL_KEYS,
     SFTStageConfig,
-    load_base_model,
+    balance_types,
     load_stage1,
     make_sft_args,
-    resolve_device,
     run_sft,
+)
+from utils.training_common import (  # noqa: E402
+    MODEL_KEYS,
+    load_base_model,
+    resolve_device,
     split_dev,
 )
 
@@ -91,6 +94,7 @@ def run_stage(args: argparse.Namespace, out: Path) -> int:
         model_cfg = {k: v for k, v in (cfg_all.get("model") or {}).items() if k in MODEL_KEYS}
         examples, data_info = load_stage1(data, run / "stage1" / "test_instructions.jsonl")
         train, dev = split_dev(examples, cfg.dev_fraction, cfg.max_dev_examples, cfg.seed)
+        train, data_info["type_balance"] = balance_types(train, cfg.min_examples_per_type)
         use_cpu = resolve_device(model_cfg.get("device")).startswith("cpu")
         trl_args = make_sft_args(cfg, out, bool(dev), use_cpu)  # before the model: ZeRO-3 init
     lm = load_base_model(model_cfg)  # a missing or refused model: ProjectInputError

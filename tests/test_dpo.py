@@ -24,7 +24,10 @@ from utils.dpo import (
 )
 from utils.jsonl_io import read_jsonl, write_jsonl_atomic
 from utils.response_format import format_completion, format_prompt
-from utils.sft import JsonlLogCallback, lora_config
+from utils.training_common import (
+    JsonlLogCallback,
+    lora_config,
+)
 
 
 def pair(i: int, **kw) -> dict:

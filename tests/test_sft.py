@@ -21,16 +21,18 @@ from utils.clean_model_loader import (
 )
 from utils.jsonl_io import read_jsonl, write_jsonl_atomic
 from utils.sft import (
-    ResumeMismatchError,
     SFTStageConfig,
     check_no_test_overlap,
-    filter_by_length,
-    final_evaluation,
     make_sft_args,
-    planned_max_steps,
-    prepare_resume,
     run_sft,
     sft_examples,
+)
+from utils.training_common import (
+    ResumeMismatchError,
+    filter_by_length,
+    final_evaluation,
+    planned_max_steps,
+    prepare_resume,
     split_dev,
     summarise_steps,
     truncate_log,
@@ -115,6 +117,7 @@ def test_sft_examples_use_the_one_format_and_name_bad_records():
             "instruction": " Name a colour. ",
             "prompt": "Instruction: Name a colour.\nResponse:",
             "completion": " Red.",
+            "instruction_ids": [],
         }
     ]
     with pytest.raises(ValueError, match="record 2 lacks field 'response'"):
@@ -396,3 +399,21 @@ def test_gemma_sft_one_step(tmp_path):
         "<bos>Instruction: Give answer number 0.\nResponse:⟦ Red, green and blue.<eos>⟧"
         in (tmp_path / "mask_audit.txt").read_text()
     )
+
+
+def test_balance_types_repeats_rare_types_up_to_the_minimum_and_only_them():
+    from utils.sft import balance_types
+
+    def ex(i, ids):
+        return {"id": f"r{i}", "prompt": "p", "completion": "c", "instruction_ids": ids}
+
+    common = [ex(i, ["length_constraints:number_words"]) for i in range(5)]
+    rare = [ex(10, ["detectable_format:json_format"]), ex(11, ["detectable_format:json_format"])]
+    plain = [ex(20, [])]
+    out, info = balance_types(common + rare + plain, 4)
+    count = {t: sum(t in e["instruction_ids"] for e in out) for t in info["type_counts"]}
+    assert count == {"length_constraints:number_words": 5, "detectable_format:json_format": 4}
+    assert info["repeats"] == {"detectable_format:json_format": 2}
+    assert len({e["id"] for e in out}) == len(out)  # repeats get their own ids
+    assert [e["id"] for e in out[:8]] == [e["id"] for e in common + rare + plain]
+    assert balance_types(common, 0)[0] == common  # 0 = off

@@ -22,6 +22,7 @@ from utils.constraint_library import (
     SplitError,
     TypeSplit,
     augment,
+    constrain_tasks,
     constraints_from_config,
     eval_phrasing_match,
     render,
@@ -32,7 +33,6 @@ from utils.jsonl_io import read_jsonl
 from utils.verified_sampling import (
     VerifiedConfig,
     allowed_demos,
-    constrain_tasks,
     decide,
     fewshot_demos,
     pair_records,

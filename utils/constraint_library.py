@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -440,3 +441,29 @@ def hindsight_kwargs(type_id: str, response: str, task: str, rng: random.Random)
     if kw is None or not check_instruction(type_id, response, kw):
         return None
     return kw
+
+
+def constrain_tasks(
+    train_records: Sequence[Mapping[str, Any]], split: TypeSplit, mix: Sequence[float], seed: int
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Stage 1's self-generated training instructions, each augmented with 0..N TRAIN-type
+    constraints (``utils.constraint_library.augment``, seeded by the record id). A task that
+    already asks for a format of its own ("... in capital letters") is dropped: it would carry
+    a rule no checker knows of (or a held-out one); so is one using an evaluation phrasing."""
+    from utils.completion_prompts import infer_format_type
+
+    out, dropped = [], Counter()
+    for r in train_records:
+        task = " ".join(str(r["instruction"]).split())
+        if infer_format_type(task) is not None:
+            dropped["task_states_a_format"] += 1
+            continue
+        if eval_phrasing_match(task):
+            dropped["task_uses_an_eval_phrasing"] += 1
+            continue
+        aug = augment(task, split, mix, random.Random(f"{seed}:{r['id']}"))
+        if eval_phrasing_match(aug["instruction"]):  # a task + constraint joining into one
+            dropped["instruction_uses_an_eval_phrasing"] += 1
+            continue
+        out.append({"id": r["id"], "type": r.get("type"), **aug})
+    return out, dict(dropped)

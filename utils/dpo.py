@@ -42,7 +42,7 @@ from utils.mask_audit import (
 )
 from utils.provenance import config_hash
 from utils.response_format import INSTRUCTION_HEADER, RESPONSE_HEADER
-from utils.sft import (
+from utils.training_common import (
     ADAPTER_SUBDIR,
     CHECKPOINT_SUBDIR,
     SAMPLING_STRATEGIES,
