@@ -47,12 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def child(args: argparse.Namespace) -> int:
     """Runs inside a subprocess: one mode, one JSON line on stdout."""
-    from utils.evaluation import memory_benchmark_child
+    from utils.eval_memory_benchmark import memory_benchmark_child
 
     adapter_dirs = [a for a in args.adapters.split(",") if a]
     if args.child == "make_adapters":
         from utils.clean_model_loader import CleanModelLoader
-        from utils.evaluation import make_random_adapter
+        from utils.eval_memory_benchmark import make_random_adapter
 
         lm = CleanModelLoader().load(args.model)
         for i, d in enumerate(adapter_dirs):

@@ -13,7 +13,9 @@ whatever the result; 2 bad input; 1 a crash (traceback printed, manifest ``faile
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -21,16 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.config import add_config_args, apply_overrides, load_config  # noqa: E402
 from utils.constraint_library import constraints_from_config  # noqa: E402
 from utils.errors import EXIT_OK, as_input_error  # noqa: E402
-from utils.evaluation import (  # noqa: E402
+from utils.eval_config import (  # noqa: E402
+    BASE_ARMS,
     EvalConfig,
+    EvalInputError,
     ModelSpec,
-    parse_adapter_args,
     parse_arm_list,
-    run_evaluation,
 )
+from utils.evaluation import run_evaluation  # noqa: E402
 from utils.provenance import write_manifest  # noqa: E402
 from utils.report import summary_table, write_report  # noqa: E402
 from utils.run_context import stage_main  # noqa: E402
+
+_ARM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +50,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_args(parser)
     return parser.parse_args(argv)
+
+
+def parse_adapter_args(items: Sequence[str]) -> dict[str, Path]:
+    """``["name=path", ...]`` (the repeatable --adapter option) -> {name: Path}."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise EvalInputError(f"--adapter must look like NAME=PATH, got {item!r}")
+        if not _ARM_NAME.match(name):
+            raise EvalInputError(f"--adapter name {name!r}: use letters, digits, '_', '-', '.'")
+        if name in BASE_ARMS:
+            raise EvalInputError(f"--adapter name {name!r} is reserved for an arm without adapter")
+        if name in out:
+            raise EvalInputError(f"--adapter {name!r} is given twice")
+        out[name] = Path(path)
+    return out
 
 
 def build_configs(args: argparse.Namespace) -> tuple[dict, EvalConfig, ModelSpec]:

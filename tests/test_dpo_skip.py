@@ -21,7 +21,7 @@ def test_dpo_skips_with_a_manifest_when_no_pair_was_kept(tmp_path):
 
 
 def test_evaluation_reports_why_a_skipped_stage_has_no_adapter(tmp_path):
-    from utils.evaluation import adapter_problem
+    from utils.eval_arms import adapter_problem
 
     (tmp_path / "dpo").mkdir()
     (tmp_path / "dpo" / "manifest.json").write_text(

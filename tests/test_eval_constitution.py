@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from utils import evaluation
-from utils.eval_prompts import TASKS
-from utils.evaluation import EvalConfig, ModelSpec, run_evaluation
+from utils.eval_config import EvalConfig, ModelSpec
+from utils.eval_memory_benchmark import make_random_adapter
+from utils.eval_prompts import TASKS, build_eval_set
+from utils.evaluation import run_evaluation
 from utils.generation import generate as real_generate
 from utils.icl_selection import DEV_TASKS, ICL_CANDIDATES, build_dev_set, choose, icl_prompt
 from utils.report import render_markdown
@@ -25,7 +26,7 @@ def run(tmp_path_factory, tiny_qwen_dir):
 
     run = tmp_path_factory.mktemp("run")
     lm = CleanModelLoader().load(str(tiny_qwen_dir))
-    evaluation.make_random_adapter(lm, run / "sft" / "adapter", seed=3, rank=2)
+    make_random_adapter(lm, run / "sft" / "adapter", seed=3, rank=2)
     return run
 
 
@@ -69,7 +70,7 @@ def test_dev_chosen_icl_setting_is_recorded_and_used_by_base_icl(run, tiny_qwen_
 def test_dev_split_is_disjoint_from_the_test_prompts():
     assert not set(DEV_TASKS) & set(TASKS)
     dev = build_dev_set(40, 7)
-    test_prompts = {r["prompt"] for r in evaluation.build_eval_set(320, 1234)}
+    test_prompts = {r["prompt"] for r in build_eval_set(320, 1234)}
     from utils.constraint_library import eval_phrasing_match
 
     for r in dev:

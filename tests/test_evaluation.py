@@ -10,25 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from utils import evaluation
+from scripts.evaluate_capability_differentiation import parse_adapter_args
+from utils import eval_cache, eval_session, evaluation
 from utils.clean_model_loader import CleanModelLoader
+from utils.eval_arms import ArmSpec, check_adapter_base, resolve_arms
+from utils.eval_config import EvalConfig, EvalInputError, ModelSpec
+from utils.eval_leakage import check_leakage
+from utils.eval_memory_benchmark import make_random_adapter
 from utils.eval_prompts import build_eval_set, icl_examples
-from utils.evaluation import (
-    ArmSpec,
-    EvalConfig,
-    EvalInputError,
-    ModelSpec,
-    PeakRSSMonitor,
-    check_adapter_base,
-    check_leakage,
-    compute_statistics,
-    per_type_breakdown,
-    resolve_arms,
-    run_evaluation,
-)
+from utils.eval_sentinels import sentinels_unavailable
+from utils.eval_statistics import compute_statistics, per_type_breakdown
+from utils.evaluation import run_evaluation
 from utils.generation import DecodingConfig
 from utils.generation import generate as real_generate
 from utils.jsonl_io import read_jsonl
+from utils.process_memory import PeakRSSMonitor
 from utils.response_format import format_few_shot_prompt, format_prompt
 
 N = 6  # prompts per arm in the model tests: seconds on the tiny model
@@ -66,8 +62,9 @@ class Counters:
                 counters.loads += 1
                 return super().load(name_or_path)
 
-        mp.setattr(evaluation, "generate", counting_generate)
-        mp.setattr(evaluation, "CleanModelLoader", CountingLoader)
+        mp.setattr(eval_cache, "generate", counting_generate)  # the arms' generations
+        mp.setattr(evaluation, "generate", counting_generate)  # the base_icl dev choice
+        mp.setattr(eval_session, "CleanModelLoader", CountingLoader)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +79,7 @@ def run_dir(tmp_path_factory, tiny_qwen_dir) -> Path:
     ]
     (run / "stage1" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     lm = CleanModelLoader().load(str(tiny_qwen_dir))  # own load: make_random_adapter wraps it
-    evaluation.make_random_adapter(lm, run / "sft" / "adapter", seed=3, rank=2)
+    make_random_adapter(lm, run / "sft" / "adapter", seed=3, rank=2)
     return run
 
 
@@ -197,9 +194,9 @@ def test_cached_prompt_mismatch_is_a_clear_error(tmp_path):
         + "\n"
     )
     with pytest.raises(EvalInputError, match="differs from the prompt"):
-        evaluation.read_arm_cache(path, {"a": "new"})
+        eval_cache.read_arm_cache(path, {"a": "new"})
     with pytest.raises(EvalInputError, match="not in this prompt set"):
-        evaluation.read_arm_cache(path, {"b": "old"})
+        eval_cache.read_arm_cache(path, {"b": "old"})
 
 
 # -------------------------------------------------------------------------- leakage
@@ -252,10 +249,10 @@ def test_resolve_arms_skips_missing_adapters_and_rejects_unknown_names(tmp_path)
 
 
 def test_parse_adapter_args_and_config_reject_bad_input():
-    assert evaluation.parse_adapter_args(["cai=runs/x/cai"]) == {"cai": Path("runs/x/cai")}
+    assert parse_adapter_args(["cai=runs/x/cai"]) == {"cai": Path("runs/x/cai")}
     for bad in (["cai"], ["=p"], ["base=p"], ["a b=p"], ["x=1", "x=2"]):
         with pytest.raises(EvalInputError):
-            evaluation.parse_adapter_args(bad)
+            parse_adapter_args(bad)
     with pytest.raises(ValueError, match="unknown eval config key"):
         EvalConfig.from_dict({"n_prompt": 5})
     with pytest.raises(ValueError, match="icl_k"):
@@ -291,9 +288,9 @@ def test_cache_key_tracks_what_changes_outputs_but_not_batch_size():
         "prompt_format": {"format": "zero_shot"},
         "load_options": {"dtype": None},
     }
-    key = evaluation.cache_key(evaluation.cache_key_fields(**base))
+    key = eval_cache.cache_key(eval_cache.cache_key_fields(**base))
     same = {**base, "decoding": DecodingConfig(max_new_tokens=64, batch_size=4)}
-    assert evaluation.cache_key(evaluation.cache_key_fields(**same)) == key
+    assert eval_cache.cache_key(eval_cache.cache_key_fields(**same)) == key
     for change in (
         {"adapter_sha256": "a"},
         {"weights_sha256": "w2"},
@@ -302,7 +299,7 @@ def test_cache_key_tracks_what_changes_outputs_but_not_batch_size():
         {"prompt_format": {"format": "few_shot", "k": 3}},
         {"load_options": {"dtype": "bfloat16"}},
     ):
-        assert evaluation.cache_key(evaluation.cache_key_fields(**{**base, **change})) != key
+        assert eval_cache.cache_key(eval_cache.cache_key_fields(**{**base, **change})) != key
 
 
 # ------------------------------------------------------------------------- sentinels
@@ -313,12 +310,12 @@ def test_sentinel_not_importable_is_recorded_as_not_run(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "utils.contamination", None)  # import now raises
     monkeypatch.delattr(utils, "contamination", raising=False)
-    out = evaluation.sentinels_unavailable(small_config(run_sentinels=True))
+    out = sentinels_unavailable(small_config(run_sentinels=True))
     assert out["verdict"] == "not run" and "not importable" in out["reason"]
-    assert evaluation.sentinels_unavailable(small_config())["status"] == "disabled"
+    assert sentinels_unavailable(small_config())["status"] == "disabled"
     for off in ("off", False, None):  # YAML reads a bare `off` as False (KNOWN_BUGS #10)
         cfg = small_config(run_sentinels=True, sentinel={"mode": off})
-        assert evaluation.sentinels_unavailable(cfg)["reason"] == "sentinels.mode=off"
+        assert sentinels_unavailable(cfg)["reason"] == "sentinels.mode=off"
 
 
 def test_sentinel_suite_runs_once_per_model_state_and_is_cached(

@@ -27,12 +27,13 @@ from tests.test_sft import (
     write_config,
     write_run,
 )
-from utils import evaluation
+from utils import eval_cache, evaluation
 from utils.adapter_shapes import BaseShapes, adapter_shape_problem
 from utils.checkpoints import AdapterUnchangedWarning, checkpoint_problem
 from utils.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
 from utils.config_validation import check_config, validate_config
-from utils.evaluation import EvalConfig, EvalInputError, ModelSpec, run_evaluation
+from utils.eval_config import EvalConfig, EvalInputError, ModelSpec
+from utils.evaluation import run_evaluation
 from utils.jsonl_io import write_jsonl_atomic
 
 
@@ -237,7 +238,8 @@ def test_adapter_of_another_hidden_size_is_refused_before_any_generation(
         calls.append(len(prompts))
         return real_generate(lm, prompts, *a, **k)
 
-    monkeypatch.setattr(evaluation, "generate", counting_generate)
+    monkeypatch.setattr(evaluation, "generate", counting_generate)  # the base_icl dev choice
+    monkeypatch.setattr(eval_cache, "generate", counting_generate)  # the arms' generations
     run = tmp_path / "run"
     run.mkdir()
     cfg = EvalConfig(n_prompts=4, max_new_tokens=4, batch_size=4, icl_k=2, run_sentinels=False,

@@ -4,7 +4,7 @@ stage script exits 2 with one line). Issue 14; KNOWN_BUGS 34.
 
 Each bad record sits on line 3, after a good record and a blank line, so an error that counts
 records instead of lines (record 2) is caught too. No model is loaded; the readers of
-``utils.sft``, ``utils.dpo`` and ``utils.evaluation`` import transformers only.
+``utils.sft`` and ``utils.dpo`` import transformers only.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _load_training_instructions(path: Path) -> Any:
 
 
 def _load_train_instructions(path: Path) -> Any:
-    from utils.evaluation import load_train_instructions
+    from utils.eval_leakage import load_train_instructions
 
     return load_train_instructions(path.parents[1])  # reads <run>/stage1/train.jsonl
 
@@ -114,7 +114,7 @@ READERS: dict[str, tuple[Callable, Callable[[int], dict], tuple[str, ...], dict[
         ("instruction",),
         {"id": [1], "type": ["open_qa"]},
     ),
-    "evaluation.load_train_instructions": (
+    "eval_leakage.load_train_instructions": (
         _load_train_instructions,
         lambda i: {"id": f"r{i}", "instruction": f"Name {i + 2} colours.", "response": "Red."},
         ("instruction",),
@@ -145,7 +145,7 @@ def _cases() -> list[tuple[str, str, str, Any]]:
             out += [(name, "type", field, None)]
         out += [(name, "type", field, value) for field, value in wrong.items()]
         required = [k for k in good(1) if k not in ("soft_label", "margin")]
-        if name == "evaluation.load_train_instructions":
+        if name == "eval_leakage.load_train_instructions":
             required = ["instruction"]  # it reads nothing else
         out += [(name, "missing", field, None) for field in required]
     return out

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from utils import report
+from utils.eval_config import EvalConfig, ModelSpec
 from utils.eval_prompts import build_eval_set
-from utils.evaluation import EvalConfig, ModelSpec, run_evaluation
+from utils.evaluation import run_evaluation
 from utils.stats import benjamini_hochberg, holm_correction
 
 N = 5

@@ -211,7 +211,7 @@ def _parsers() -> dict[str, tuple[type | None, Callable[[dict[str, Any]], Any]]]
     from utils.contamination import SentinelConfig
     from utils.critic import CriticConfig
     from utils.dpo import DPOStageConfig
-    from utils.evaluation import EvalConfig
+    from utils.eval_config import EvalConfig
     from utils.preference_pairs import PairsConfig
     from utils.qc import QCGates
     from utils.sft import SFTStageConfig
