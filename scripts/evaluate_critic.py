@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils import critic_checkset as cc  # noqa: E402
 from utils.config import ConfigError, add_config_args  # noqa: E402
-from utils.critic import PAIR_MODES, POINTWISE_PROMPTS, CriticConfig, judge_prompt_id  # noqa: E402
+from utils.critic import CriticConfig, judge_prompt_id  # noqa: E402
+from utils.critic_prompts import PAIR_MODES, POINTWISE_PROMPTS  # noqa: E402
 from utils.jsonl_io import JsonlError, write_json_atomic  # noqa: E402
 from utils.run_context import StageRun  # noqa: E402
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--pointwise-prompts",
         default=",".join(POINTWISE_PROMPTS),
-        help="pointwise prompt wordings to try on dev (keys of utils.critic.POINTWISE_PROMPTS)",
+        help="pointwise prompt wordings to try on dev (keys of utils.critic_prompts.POINTWISE_PROMPTS)",
     )
     ap.add_argument(
         "--instruction-shots",

@@ -35,10 +35,10 @@ from utils.constitution import (  # noqa: E402
     resolve_policy,
 )
 from utils.constitution_contrastive import print_contrastive_summary, run_cai  # noqa: E402
-from utils.critic import print_summary_table  # noqa: E402
 from utils.errors import EXIT_OK, ProjectInputError, as_input_error  # noqa: E402
 from utils.preference_pairs import load_training_instructions  # noqa: E402
 from utils.run_context import StageRun, stage_main  # noqa: E402
+from utils.soft_label_summary import print_summary_table  # noqa: E402
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:

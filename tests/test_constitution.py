@@ -43,9 +43,9 @@ from utils.constitution import (
     sample_principle,
     summarize_records,
 )
-from utils.critic import histogram
 from utils.jsonl_io import JsonlAppender, JsonlError, read_jsonl
 from utils.response_format import RESPONSE_STOP_STRINGS, format_completion, format_prompt
+from utils.soft_label_summary import histogram
 
 REAL = yaml.safe_load(DEFAULT_CONSTITUTION.read_text(encoding="utf-8"))
 

@@ -39,7 +39,7 @@ from utils.constitution_contrastive import (
     run_contrastive,
     summarize_records,
 )
-from utils.critic import pmi_completion
+from utils.critic_prompts import pmi_completion
 from utils.dedup import leakage_check
 from utils.eval_prompts import build_eval_set
 from utils.jsonl_io import JsonlError, read_jsonl

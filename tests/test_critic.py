@@ -10,30 +10,34 @@ import pytest
 
 from utils import critic_checkset as cc
 from utils.critic import (
+    CriticConfig,
+    compare_pairs,
+    judge_instructions,
+    judge_prompt_id,
+    score_responses,
+)
+from utils.critic_prompts import (
     INSTRUCTION_SHOTS,
     PAIR_SHOTS,
     POINTWISE_PROMPTS,
     PROMPT_VERSION,
     RESPONSE_SHOTS,
-    CriticConfig,
-    compare_pairs,
-    histogram,
     instruction_prompt,
-    judge_instructions,
-    judge_prompt_id,
     pair_prompt,
     pmi_completion,
     pmi_prefix,
+    response_prompt,
+)
+from utils.preference_math import (
     pmi_verdict,
     pointwise_preference,
-    response_prompt,
     response_verdict,
-    score_responses,
     soft_preference,
     strength_preference,
     two_way_prob,
 )
 from utils.response_format import END_OF_RESPONSE_MARKER
+from utils.soft_label_summary import histogram
 from utils.verifiable_checks import check_instruction
 
 L = math.log

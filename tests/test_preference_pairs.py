@@ -11,21 +11,16 @@ import shutil
 import pytest
 
 from tests.conftest import fresh_copy
-from utils.critic import (
-    PROMPT_VERSION,
-    CriticConfig,
-    compare_pairs,
-    response_verdict,
-    score_responses,
-)
+from utils.critic import CriticConfig, compare_pairs, score_responses
+from utils.critic_prompts import PROMPT_VERSION
 from utils.jsonl_io import JsonlError, read_jsonl
+from utils.preference_math import response_verdict
 from utils.preference_pairs import (
     PairsConfig,
     candidate_plan,
     candidate_scores,
     exclusion_reasons,
     generate_candidates,
-    histogram,
     judge_candidates,
     pair_records,
     pointwise_candidate_scores,
@@ -35,6 +30,7 @@ from utils.preference_pairs import (
     summarize_judgements,
 )
 from utils.response_format import format_completion, format_prompt
+from utils.soft_label_summary import histogram
 
 # -- config and pure pieces --------------------------------------------------------------------
 

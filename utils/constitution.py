@@ -79,9 +79,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from utils.completion_prompts import find_chat_markup, find_scaffolding
-from utils.critic import ANSWER_A, ANSWER_B, base_only, histogram, soft_preference
+from utils.critic import base_only
+from utils.critic_prompts import ANSWER_A, ANSWER_B
 from utils.errors import ProjectInputError
 from utils.jsonl_io import JsonlAppender, JsonlError, read_jsonl, resume
+from utils.preference_math import soft_preference
 from utils.preference_pairs import exclusion_reasons
 from utils.provenance import config_hash
 from utils.response_format import (
@@ -95,6 +97,7 @@ from utils.response_format import (
     format_example,
     format_prompt,
 )
+from utils.soft_label_summary import histogram
 
 if TYPE_CHECKING:
     from utils.clean_model_loader import LoadedModel

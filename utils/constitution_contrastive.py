@@ -26,7 +26,7 @@ optionally instruction_ids/kwargs) and its principle (``sample_principle``, as i
 
        g(r) = [log P(r | S + "\\n\\n" + format_prompt(i)) - log P(r | format_prompt(i))] / n(r)
 
-   with r scored as ``utils.critic.pmi_completion(r)`` (the answer, then the end-of-response
+   with r scored as ``utils.critic_prompts.pmi_completion(r)`` (the answer, then the end-of-response
    marker) by ``utils.scoring.completion_logprobs``, n(r) its tokens, S the principle's
    ``revision_request`` (``cai.contrastive_score_text``; ``follow_context`` is allowed, but
    the follow answer was sampled after it, so it favours that side by construction). Then
@@ -74,9 +74,11 @@ from utils.constitution import (
     run_constitution,
     sample_principle,
 )
-from utils.critic import _sigmoid, base_only, histogram, pmi_completion, print_summary_table
+from utils.critic import base_only
+from utils.critic_prompts import pmi_completion
 from utils.instruction_checkers import count_words
 from utils.jsonl_io import JsonlAppender, read_jsonl, write_jsonl_atomic
+from utils.preference_math import sigmoid
 from utils.provenance import config_hash
 from utils.response_format import (
     EXAMPLE_SEPARATOR,
@@ -84,6 +86,7 @@ from utils.response_format import (
     format_completion,
     format_prompt,
 )
+from utils.soft_label_summary import histogram, print_summary_table
 from utils.verifiable_checks import evaluate_strict
 
 if TYPE_CHECKING:
@@ -191,7 +194,7 @@ def contrastive_label(
 ) -> dict[str, Any]:
     """p = P(follow answer better) from the likelihood gains and the checker's preferred side
     (None: no checker or a tie), with the drop reason (None = kept). See the module doc."""
-    p_llh = _sigmoid((g_follow - g_violate) / cfg.contrastive_temperature)
+    p_llh = sigmoid((g_follow - g_violate) / cfg.contrastive_temperature)
     if prefers not in (None, *SIDES):
         raise ValueError(f"prefers must be None or one of {SIDES}, got {prefers!r}")
     p_check = None

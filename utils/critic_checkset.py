@@ -14,7 +14,7 @@ opinion:
 Cases are generated from templates with a seeded ``random.Random`` (same seed, same cases, same
 ids) and split, per kind, into a ``dev`` part (for choosing the prompt and thresholds) and a
 ``test`` part (for the reported accuracy). Topics avoid the critic's own demonstrations
-(``utils.critic.PAIR_SHOTS``/``INSTRUCTION_SHOTS``).
+(``utils.critic_prompts.PAIR_SHOTS``/``INSTRUCTION_SHOTS``).
 
 Also the metrics the evaluation reports: pairwise accuracy, both-orders consistency (pairwise
 judge only), accuracy at a confidence threshold with its coverage, the distribution of soft
@@ -506,7 +506,7 @@ def soft_label_distribution(p_good: Sequence[float]) -> dict[str, Any]:
     """How confident the pair judge is: the soft label a pair would get, max(p, 1 - p) in
     [0.5, 1], summarised by quantiles and a 0.05-wide histogram. This is what a
     ``pair_confidence_threshold`` cuts."""
-    from utils.critic import histogram
+    from utils.soft_label_summary import histogram
 
     if not p_good:
         raise ValueError("no soft labels to summarise")

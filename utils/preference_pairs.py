@@ -57,10 +57,8 @@ from utils.critic import (
     CriticConfig,
     base_only,
     compare_pairs,
-    histogram,
     judge_prompt_id,
     score_responses,
-    strength_preference,
 )
 from utils.jsonl_io import (
     NULL,
@@ -71,6 +69,7 @@ from utils.jsonl_io import (
     read_jsonl_numbered,
     resume,
 )
+from utils.preference_math import strength_preference
 from utils.response_format import (
     RESPONSE_STOP_STRINGS,
     clean_response,
@@ -78,6 +77,7 @@ from utils.response_format import (
     format_prompt,
     marker_leaked,
 )
+from utils.soft_label_summary import histogram
 
 if TYPE_CHECKING:
     from utils.clean_model_loader import LoadedModel
