@@ -11,7 +11,7 @@ from utils.eval_prompts import TASKS, build_eval_set
 from utils.evaluation import run_evaluation
 from utils.generation import generate as real_generate
 from utils.icl_selection import DEV_TASKS, ICL_CANDIDATES, build_dev_set, choose, icl_prompt
-from utils.report import render_markdown
+from utils.report_markdown import render_markdown
 
 
 def _config(**extra) -> EvalConfig:

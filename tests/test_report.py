@@ -11,6 +11,8 @@ from utils import report
 from utils.eval_config import EvalConfig, ModelSpec
 from utils.eval_prompts import build_eval_set
 from utils.evaluation import run_evaluation
+from utils.report_format import fmt_p, fmt_points, md_table, pct, pct_ci
+from utils.report_markdown import render_markdown
 from utils.stats import benjamini_hochberg, holm_correction
 
 N = 5
@@ -69,15 +71,15 @@ def test_write_report_produces_every_section_and_file(results, tmp_path):
 
 
 def test_report_numbers_are_the_computed_ones(results):
-    md = report.render_markdown(results)
+    md = render_markdown(results)
     (c,) = results["comparisons"]
     assert (c["arm_a"], c["arm_b"]) == ("base", "base_icl")
     assert c["p_value_holm"] == holm_correction([c["p_value"]])[0]
     assert c["p_value_bh"] == benjamini_hochberg([c["p_value"]])[0]
-    row = f"| base | base_icl | {report.pct(c['accuracy_a'])} | {report.pct(c['accuracy_b'])} |"
+    row = f"| base | base_icl | {pct(c['accuracy_a'])} | {pct(c['accuracy_b'])} |"
     assert row in md
     s = results["arms"][1]["summary"]["prompt_strict"]
-    assert report.pct_ci(s) in md
+    assert pct_ci(s) in md
     table = report.summary_table(results)
     assert (
         "sft            SKIPPED" in table and "leakage: 1/5 prompts (20.00%), 1 excluded" in table
@@ -86,10 +88,10 @@ def test_report_numbers_are_the_computed_ones(results):
 
 def test_format_helpers_by_hand():
     summary = {"accuracy": 0.25, "ci_low": 0.1234, "ci_high": 0.4567}
-    assert report.pct_ci(summary) == "25.0% [12.3, 45.7]"
-    assert report.fmt_p(0.00001) == "<0.0001" and report.fmt_p(0.04321) == "0.0432"
-    assert report.fmt_points(-0.031) == "-3.1 pts" and report.fmt_points(None) == "n/a"
-    assert report.md_table(["a", "b"], [["x|y", 1]]) == "| a | b |\n|---|---|\n| x\\|y | 1 |"
+    assert pct_ci(summary) == "25.0% [12.3, 45.7]"
+    assert fmt_p(0.00001) == "<0.0001" and fmt_p(0.04321) == "0.0432"
+    assert fmt_points(-0.031) == "-3.1 pts" and fmt_points(None) == "n/a"
+    assert md_table(["a", "b"], [["x|y", 1]]) == "| a | b |\n|---|---|\n| x\\|y | 1 |"
 
 
 def test_report_without_evaluated_arms_or_leakage_check_says_so(results, tmp_path):
@@ -115,21 +117,21 @@ def test_trained_arm_that_does_not_beat_base_icl_is_called_out(results):
     arms = [dict(a) for a in results["arms"]]
     arms[0]["adapter_dir"] = "runs/x/sft/adapter"  # pretend base were a trained arm
     verdict = {"arm": "base", "reference": "base_icl", "gain": -0.0, "p_value_holm": 1.0}
-    md = report.render_markdown(
+    md = render_markdown(
         {**results, "arms": arms, "verdicts": [{**verdict, "verdict": "no significant difference"}]}
     )
     assert (
         "- **base** vs **base_icl**: no significant difference (+0.0 pts for base, "
         "p_holm = 1.0000). base does NOT beat the zero-training in-context baseline" in md
     )
-    md = report.render_markdown(
+    md = render_markdown(
         {**results, "arms": arms, "verdicts": [{**verdict, "gain": 0.2, "verdict": "beats"}]}
     )
     assert "+20.0 pts for base" in md and "does NOT beat" not in md
 
 
 def test_sentinel_line_says_what_a_trained_arm_was_judged_on():
-    from utils.report import _sentinel_line
+    from utils.report_markdown import _sentinel_line
 
     base = {"name": "base", "sentinel": {"verdict": "clean", "details": {"trained_arm": False}}}
     assert _sentinel_line(base) == "- **base**: clean"
