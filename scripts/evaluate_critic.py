@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils import critic_calibration as calibration  # noqa: E402
 from utils import critic_checkset as cc  # noqa: E402
 from utils.config import ConfigError, add_config_args  # noqa: E402
 from utils.critic import CriticConfig, judge_prompt_id  # noqa: E402
@@ -147,13 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     # Pair judge: every variant on dev, the dev-best alone on test.
     dev_rows, dev_metrics = {}, {}
     for key, cfg in variants.items():
-        dev_rows[key] = timed(f"pairs dev {key}", cc.score_pair_cases, lm, pair_dev, cfg)
-        dev_metrics[key] = cc.pair_split_metrics(dev_rows[key])
-    chosen = cc.choose_variant(dev_metrics, "pairs")
-    test_rows = timed(f"pairs test {chosen}", cc.score_pair_cases, lm, pair_test, variants[chosen])
-    pt = cc.pair_split_metrics(test_rows)
-    conf = cc.choose_confidence_threshold(
-        [r["p_first"] for r in dev_rows[chosen]], cc.THRESHOLD_GRID, args.min_kept_accuracy
+        dev_rows[key] = timed(f"pairs dev {key}", calibration.score_pair_cases, lm, pair_dev, cfg)
+        dev_metrics[key] = calibration.pair_split_metrics(dev_rows[key])
+    chosen = calibration.choose_variant(dev_metrics, "pairs")
+    test_rows = timed(
+        f"pairs test {chosen}", calibration.score_pair_cases, lm, pair_test, variants[chosen]
+    )
+    pt = calibration.pair_split_metrics(test_rows)
+    conf = calibration.choose_confidence_threshold(
+        [r["p_first"] for r in dev_rows[chosen]], calibration.THRESHOLD_GRID, args.min_kept_accuracy
     )
     chosen_cfg = variants[chosen]
     if conf["threshold"] is not None:
@@ -167,14 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         ins_dev_rows, ins_dev_metrics = {}, {}
         for n in ins_shots:
             cfg = replace(base_cfg, n_shots_instructions=n)
-            ins_dev_rows[n] = timed(f"instructions dev {n}", cc.score_instruction_cases, lm,
-                                    ins_dev, cfg)  # fmt: skip
-            ins_dev_metrics[n] = cc.instruction_judge_metrics(ins_dev_rows[n])["dev"]
-        n_ins = cc.choose_variant(ins_dev_metrics, "instructions")
+            ins_dev_rows[n] = timed(
+                f"instructions dev {n}", calibration.score_instruction_cases, lm, ins_dev, cfg
+            )
+            ins_dev_metrics[n] = calibration.instruction_judge_metrics(ins_dev_rows[n])["dev"]
+        n_ins = calibration.choose_variant(ins_dev_metrics, "instructions")
         cfg = replace(base_cfg, n_shots_instructions=n_ins)
-        ins_test_rows = timed(f"instructions test {n_ins}", cc.score_instruction_cases, lm,
-                              ins_test, cfg)  # fmt: skip
-        im = cc.instruction_judge_metrics(ins_dev_rows[n_ins], ins_test_rows)
+        ins_test_rows = timed(
+            f"instructions test {n_ins}", calibration.score_instruction_cases, lm, ins_test, cfg
+        )
+        im = calibration.instruction_judge_metrics(ins_dev_rows[n_ins], ins_test_rows)
         chosen_cfg = replace(
             chosen_cfg, n_shots_instructions=n_ins, min_instruction_score=im["dev"]["threshold"]
         )
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "dev": {"pairs_by_variant": dev_metrics},
         "test": {
             "pairs": pt,
-            "pairs_per_kind": cc.per_kind_accuracy(test_rows, "test"),
+            "pairs_per_kind": calibration.per_kind_accuracy(test_rows, "test"),
             "instructions": ins_report["test"] if ins_report else None,
         },
         "seconds": timing,

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from utils import critic_calibration as calibration
 from utils import critic_checkset as cc
 from utils.critic import (
     CriticConfig,
@@ -477,15 +478,15 @@ def test_truncate_and_salad_helpers():
 
 
 def test_roc_auc_hand_values():
-    assert cc.roc_auc([0.9, 0.8, 0.4, 0.3], [1, 0, 1, 0]) == pytest.approx(0.75)
-    assert cc.roc_auc([0.5, 0.5], [True, False]) == 0.5
-    assert cc.roc_auc([0.1, 0.9], [False, True]) == 1.0
+    assert calibration.roc_auc([0.9, 0.8, 0.4, 0.3], [1, 0, 1, 0]) == pytest.approx(0.75)
+    assert calibration.roc_auc([0.5, 0.5], [True, False]) == 0.5
+    assert calibration.roc_auc([0.1, 0.9], [False, True]) == 1.0
     with pytest.raises(ValueError, match="both classes"):
-        cc.roc_auc([0.1, 0.2], [1, 1])
+        calibration.roc_auc([0.1, 0.2], [1, 1])
 
 
 def test_pair_metrics_hand_values():
-    m = cc.pair_metrics([0.9, 0.4, 0.65, 0.5], [True, False, True, False], (0.6, 0.7))
+    m = calibration.pair_metrics([0.9, 0.4, 0.65, 0.5], [True, False, True, False], (0.6, 0.7))
     assert m["accuracy"]["successes"] == 2 and m["accuracy"]["rate"] == 0.5  # a tie is wrong
     assert m["position_consistency"]["rate"] == 0.5
     assert m["consistent_and_correct"]["successes"] == 2
@@ -499,9 +500,9 @@ def test_pair_metrics_hand_values():
 
 
 def test_thresholds_and_instruction_metrics_hand_values():
-    assert cc.best_threshold([0.2, 0.4, 0.6, 0.8], [0, 0, 1, 1]) == 0.5
-    assert cc.best_threshold([0.1, 0.2, 0.3, 0.9], [0, 1, 1, 1]) == pytest.approx(0.15)
-    m = cc.instruction_metrics([0.2, 0.4, 0.6, 0.8], [0, 1, 1, 1], 0.5)
+    assert calibration.best_threshold([0.2, 0.4, 0.6, 0.8], [0, 0, 1, 1]) == 0.5
+    assert calibration.best_threshold([0.1, 0.2, 0.3, 0.9], [0, 1, 1, 1]) == pytest.approx(0.15)
+    m = calibration.instruction_metrics([0.2, 0.4, 0.6, 0.8], [0, 1, 1, 1], 0.5)
     assert m["accuracy"]["successes"] == 3
     assert m["recall_good"]["successes"] == 2 and m["recall_good"]["n"] == 3
     assert m["recall_bad"]["rate"] == 1.0
@@ -510,22 +511,22 @@ def test_thresholds_and_instruction_metrics_hand_values():
 
 def test_pair_metrics_without_positions():
     # Pointwise verdicts carry no order: consistency does not apply (n=0), accuracy still counts.
-    m = cc.pair_metrics([0.9, 0.3, 0.7], [None, None, None], (0.6,))
+    m = calibration.pair_metrics([0.9, 0.3, 0.7], [None, None, None], (0.6,))
     assert m["accuracy"]["successes"] == 2
     assert m["position_consistency"]["n"] == 0 and m["position_consistency"]["rate"] is None
     assert m["consistent_and_correct"]["rate"] is None
-    m = cc.pair_metrics([0.9, 0.3], [True, None])
+    m = calibration.pair_metrics([0.9, 0.3], [True, None])
     assert m["position_consistency"]["n"] == 1 and m["position_consistency"]["rate"] == 1.0
 
 
 def test_quantile_and_soft_label_distribution_hand_values():
-    assert cc.quantile([4.0, 1.0, 3.0, 2.0], 0.5) == pytest.approx(2.5)
-    assert cc.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.1) == pytest.approx(1.4)
-    assert cc.quantile([7.0], 0.9) == 7.0
+    assert calibration.quantile([4.0, 1.0, 3.0, 2.0], 0.5) == pytest.approx(2.5)
+    assert calibration.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.1) == pytest.approx(1.4)
+    assert calibration.quantile([7.0], 0.9) == 7.0
     with pytest.raises(ValueError, match="no values"):
-        cc.quantile([], 0.5)
+        calibration.quantile([], 0.5)
     # Soft label = max(p, 1 - p): .2 -> .8, .45 -> .55.
-    d = cc.soft_label_distribution([0.2, 0.45, 0.5, 0.9, 0.62])
+    d = calibration.soft_label_distribution([0.2, 0.45, 0.5, 0.9, 0.62])
     assert d["n"] == 5 and d["mean"] == pytest.approx((0.8 + 0.55 + 0.5 + 0.9 + 0.62) / 5)
     assert d["quantiles"]["min"] == 0.5 and d["quantiles"]["max"] == pytest.approx(0.9)
     assert d["quantiles"]["p50"] == pytest.approx(0.62)
@@ -535,7 +536,7 @@ def test_quantile_and_soft_label_distribution_hand_values():
 def test_confidence_threshold_is_the_smallest_that_keeps_mostly_right_pairs():
     # Soft labels (max(p, 1-p)) and correctness: .95 R, .85 R, .8 R, .72 W, .7 R, .62 W, .58 W.
     p = [0.95, 0.85, 0.8, 0.28, 0.7, 0.38, 0.42]
-    r = cc.choose_confidence_threshold(p, (0.5, 0.6, 0.7, 0.75, 0.8), min_accuracy=0.75,
+    r = calibration.choose_confidence_threshold(p, (0.5, 0.6, 0.7, 0.75, 0.8), min_accuracy=0.75,
                                        min_covered=3)  # fmt: skip
     table = {row["threshold"]: row for row in r["table"]}
     assert table[0.5]["covered"] == 7 and table[0.5]["accuracy"] == pytest.approx(4 / 7)
@@ -545,12 +546,20 @@ def test_confidence_threshold_is_the_smallest_that_keeps_mostly_right_pairs():
     assert [row["qualifies"] for row in r["table"]] == [False, False, True, True, True]
     assert r["threshold"] == 0.7
     # Too few covered cases never qualify; nothing qualifying gives None.
-    assert cc.choose_confidence_threshold(p, (0.8,), 0.75, min_covered=4)["threshold"] is None
-    assert cc.choose_confidence_threshold(p, (0.6, 0.8), 0.9, min_covered=3)["threshold"] == 0.8
+    assert (
+        calibration.choose_confidence_threshold(p, (0.8,), 0.75, min_covered=4)["threshold"] is None
+    )
+    assert (
+        calibration.choose_confidence_threshold(p, (0.6, 0.8), 0.9, min_covered=3)["threshold"]
+        == 0.8
+    )
     # Exact ties (p = .5) are never kept, so they never count.
-    assert cc.choose_confidence_threshold([0.5, 0.5], (0.5,), 0.5, 1)["table"][0]["covered"] == 0
+    assert (
+        calibration.choose_confidence_threshold([0.5, 0.5], (0.5,), 0.5, 1)["table"][0]["covered"]
+        == 0
+    )
     with pytest.raises(ValueError, match="outside"):
-        cc.choose_confidence_threshold(p, (0.4,))
+        calibration.choose_confidence_threshold(p, (0.4,))
 
 
 def test_choose_variant_uses_dev_and_prefers_the_first_listed_on_ties():
@@ -562,13 +571,17 @@ def test_choose_variant_uses_dev_and_prefers_the_first_listed_on_ties():
         }
 
     metrics = {"ab/2": mk(0.7, 0.5), "ab/4": mk(0.7, 0.6), "ab/8": mk(0.6, 0.9)}
-    assert cc.choose_variant(metrics, "pairs") == "ab/4"  # same accuracy, better consistency
+    assert (
+        calibration.choose_variant(metrics, "pairs") == "ab/4"
+    )  # same accuracy, better consistency
     pointwise = {"a/4": mk(0.8, None, 0.6), "b/4": mk(0.8, None, 0.7), "a/8": mk(0.8, None, 0.7)}
-    assert cc.choose_variant(pointwise, "pairs") == "b/4"  # then mean P(good); then first listed
+    assert (
+        calibration.choose_variant(pointwise, "pairs") == "b/4"
+    )  # then mean P(good); then first listed
     ins = {2: {"auc": 0.8}, 4: {"auc": 0.8}, 8: {"auc": 0.7}}
-    assert cc.choose_variant(ins, "instructions") == 2
+    assert calibration.choose_variant(ins, "instructions") == 2
     with pytest.raises(ValueError, match="judge must be"):
-        cc.choose_variant(ins, "both")
+        calibration.choose_variant(ins, "both")
 
 
 def test_split_metrics_choose_the_threshold_on_dev_and_report_test(checkset):
@@ -584,23 +597,25 @@ def test_split_metrics_choose_the_threshold_on_dev_and_report_test(checkset):
         {"split": c["split"], "label": c["label"], "score": score[c["split"], c["label"]]}
         for c in checkset["instructions"]
     ]
-    m = cc.instruction_judge_metrics(cc.split_cases(ins, "dev"), cc.split_cases(ins, "test"))
+    m = calibration.instruction_judge_metrics(
+        cc.split_cases(ins, "dev"), cc.split_cases(ins, "test")
+    )
     assert m["dev"]["threshold"] == pytest.approx(0.65)
     assert m["test"]["threshold"] == pytest.approx(0.65)
     assert m["dev"]["accuracy"]["rate"] == 1.0
     assert m["test"]["recall_good"]["rate"] == 0.0  # no peeking at test
     assert m["test"]["auc"] == 1.0
     test_pairs = cc.split_cases(pairs, "test")
-    pm = cc.pair_split_metrics(test_pairs)
+    pm = calibration.pair_split_metrics(test_pairs)
     assert pm["accuracy"]["rate"] == 1.0 and pm["mean_p_a"] == pytest.approx(0.6)
     assert pm["accuracy"]["n"] == sum(c["split"] == "test" for c in checkset["pairs"])
     assert pm["soft_labels"]["quantiles"]["p50"] == pytest.approx(0.7)
     pointwise = [{**r, "position_consistent": None} for r in test_pairs]
     for r in pointwise:
         del r["p_a_mean"]
-    pm = cc.pair_split_metrics(pointwise)
+    pm = calibration.pair_split_metrics(pointwise)
     assert pm["mean_p_a"] is None and pm["position_consistency"]["rate"] is None
-    per_kind = cc.per_kind_accuracy(pairs, "test")
+    per_kind = calibration.per_kind_accuracy(pairs, "test")
     assert set(per_kind) == set(cc.PAIR_KINDS)
     with pytest.raises(ValueError, match="split must be"):
         cc.split_cases(pairs, "train")
@@ -623,13 +638,13 @@ def test_evaluate_critic_chooses_on_dev_and_scores_test_once(
 
     monkeypatch.setattr(CleanModelLoader, "load", lambda self, name=None: tiny_qwen)
     calls: list[tuple[set, str, int]] = []
-    real = cc.score_pair_cases
+    real = calibration.score_pair_cases
 
     def spy(lm, cases, cfg):
         calls.append(({c["split"] for c in cases}, cfg.pointwise_prompt, cfg.n_shots_pointwise))
         return real(lm, cases, cfg)
 
-    monkeypatch.setattr(cc, "score_pair_cases", spy)
+    monkeypatch.setattr(calibration, "score_pair_cases", spy)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(
         yaml.safe_dump(
