@@ -120,3 +120,69 @@ def tiny_loads(tiny_qwen, monkeypatch) -> list:
 
     monkeypatch.setattr(CleanModelLoader, "load", fake_load)
     return loads
+
+
+# -- a tiny DPO stage ----------------------------------------------------------------------------
+def dpo_pair(i: int, **kw) -> dict:
+    """Preference pair ``i`` in the shared format (prompt, chosen and rejected vary with i)."""
+    from utils.response_format import format_completion, format_prompt
+
+    return {
+        "id": f"p{i}",
+        "prompt": format_prompt(f"Name {i + 2} colours."),
+        "chosen": format_completion("Red, green and blue." if i % 2 else "Red and blue."),
+        "rejected": format_completion("I like turtles. " * (1 + i % 3)),
+        "soft_label": 0.8,
+        "margin": 0.1 * i,
+        **kw,
+    }
+
+
+def make_sft_adapter(base_dir: Path, out_dir: Path) -> Path:
+    """A LoRA adapter with non-zero B (unlike a fresh one), so the SFT policy differs from the
+    base and a reference computed from the bare base would show up as non-zero rewards."""
+    import torch
+    from peft import get_peft_model
+
+    from utils.clean_model_loader import CleanModelLoader, write_adapter_manifest
+    from utils.training_common import lora_config
+
+    lm = CleanModelLoader().load(str(base_dir))
+    model = get_peft_model(lm.model, lora_config(8, 16, 0.0, "all-linear"))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0.0, 0.05)
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    write_adapter_manifest(out_dir, lm, {"stage": "sft"})
+    return out_dir
+
+
+# Two logged and saved steps, no dev split, no warmup: seconds on a tiny model.
+TINY_DPO = {
+    "max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+    "learning_rate": 5e-2, "warmup_steps": 0, "logging_steps": 1, "save_steps": 2,
+    "dev_fraction": 0.0, "max_length": 64,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_dpo_run():
+    """Writes the inputs of a tiny DPO stage: ``build(root, model_dir, pairs, **dpo)`` makes
+    root/run/pairs/pairs.jsonl, root/run/sft/adapter (make_sft_adapter of model_dir) and
+    root/cfg.yaml (the model, TINY_DPO updated with ``dpo``) and returns (run, cfg) for
+    ``train_stage1_dpo.py --config cfg --run-dir run``."""
+    import yaml
+
+    from utils.jsonl_io import write_jsonl_atomic
+
+    def build(root: Path, model_dir: Path, pairs: list[dict], **dpo) -> tuple[Path, Path]:
+        run = root / "run"
+        write_jsonl_atomic(run / "pairs" / "pairs.jsonl", pairs)
+        make_sft_adapter(model_dir, run / "sft" / "adapter")
+        cfg = root / "cfg.yaml"
+        config = {"model": {"name": str(model_dir)}, "dpo": {**TINY_DPO, **dpo}}
+        cfg.write_text(yaml.safe_dump(config))
+        return run, cfg
+
+    return build

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
-import yaml
 
 from scripts.train_stage1_dpo import main as dpo_main
-from utils.clean_model_loader import CleanModelLoader, weights_hash, write_adapter_manifest
+from tests.conftest import dpo_pair
+from utils.clean_model_loader import weights_hash
 from utils.dpo import (
     ChosenLogprobWarning,
     ChosenTrendCallback,
@@ -23,23 +22,7 @@ from utils.dpo import (
     load_pairs,
 )
 from utils.jsonl_io import read_jsonl, write_jsonl_atomic
-from utils.response_format import format_completion, format_prompt
-from utils.training_common import (
-    JsonlLogCallback,
-    lora_config,
-)
-
-
-def pair(i: int, **kw) -> dict:
-    return {
-        "id": f"p{i}",
-        "prompt": format_prompt(f"Name {i + 2} colours."),
-        "chosen": format_completion("Red, green and blue." if i % 2 else "Red and blue."),
-        "rejected": format_completion("I like turtles. " * (1 + i % 3)),
-        "soft_label": 0.8,
-        "margin": 0.1 * i,
-        **kw,
-    }
+from utils.training_common import JsonlLogCallback
 
 
 def rows(values, start=1):
@@ -124,66 +107,34 @@ def test_log_transform_and_warning_callback(tmp_path):
 
 def test_load_pairs_validates_the_shared_format(tmp_path):
     p = tmp_path / "pairs.jsonl"
-    write_jsonl_atomic(p, [pair(0), pair(1), pair(2)])
+    write_jsonl_atomic(p, [dpo_pair(0), dpo_pair(1), dpo_pair(2)])
     pairs, info = load_pairs(p)
     assert [x["id"] for x in pairs] == ["p0", "p1", "p2"] and info["n_records"] == 3
     assert set(pairs[0]) == {"id", "prompt", "chosen", "rejected", "soft_label"}
     kept, info = load_pairs(p, min_margin=0.15)  # margins 0.0, 0.1, 0.2
     assert [x["id"] for x in kept] == ["p2"] and info["n_below_min_margin"] == 2
     bad = {
-        "not in the shared format": pair(0, prompt="Q: Name a colour.\nA:"),
-        "must be format_completion": pair(0, chosen="Red."),
-        "identical": pair(0, rejected=pair(0)["chosen"]),
+        "not in the shared format": dpo_pair(0, prompt="Q: Name a colour.\nA:"),
+        "must be format_completion": dpo_pair(0, chosen="Red."),
+        "identical": dpo_pair(0, rejected=dpo_pair(0)["chosen"]),
     }
     for needle, rec in bad.items():
-        write_jsonl_atomic(p, [pair(1), rec])
+        write_jsonl_atomic(p, [dpo_pair(1), rec])
         with pytest.raises(ValueError, match=needle) as e:
             load_pairs(p)
         assert ":2 (id 'p0')" in str(e.value)
-    write_jsonl_atomic(p, [pair(1), pair(1)])
+    write_jsonl_atomic(p, [dpo_pair(1), dpo_pair(1)])
     with pytest.raises(ValueError, match="duplicate id"):
         load_pairs(p)
     with pytest.raises(ValueError, match="contains the EOS"):
-        check_no_eos([pair(3, chosen=" Red.<|endoftext|>")], "<|endoftext|>")
+        check_no_eos([dpo_pair(3, chosen=" Red.<|endoftext|>")], "<|endoftext|>")
 
 
 # -- a real DPO run --------------------------------------------------------------------------
-def make_sft_adapter(base_dir: Path, out_dir: Path) -> Path:
-    """A LoRA adapter with non-zero B (unlike a fresh one), so the SFT policy differs from the
-    base and a reference computed from the bare base would show up as non-zero rewards."""
-    import torch
-    from peft import get_peft_model
-
-    lm = CleanModelLoader().load(str(base_dir))
-    model = get_peft_model(lm.model, lora_config(8, 16, 0.0, "all-linear"))
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0.0, 0.05)
-    model.save_pretrained(str(out_dir), save_embedding_layers=False)
-    write_adapter_manifest(out_dir, lm, {"stage": "sft"})
-    return out_dir
-
-
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory, tiny_qwen_dir):
-    root = tmp_path_factory.mktemp("dpo-run")
-    run = root / "run"
-    write_jsonl_atomic(run / "pairs" / "pairs.jsonl", [pair(i) for i in range(8)])
-    make_sft_adapter(tiny_qwen_dir, run / "sft" / "adapter")
-    cfg = root / "cfg.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name": str(tiny_qwen_dir)},
-                "dpo": {
-                    "max_steps": 2, "per_device_train_batch_size": 2,
-                    "gradient_accumulation_steps": 1, "learning_rate": 5e-2, "warmup_steps": 0,
-                    "logging_steps": 1, "save_steps": 2, "dev_fraction": 0.0, "max_length": 64,
-                },
-            }
-        )
-    )  # fmt: skip
+def dpo_run(tmp_path_factory, tiny_qwen_dir, tiny_dpo_run):
+    pairs = [dpo_pair(i) for i in range(8)]
+    run, cfg = tiny_dpo_run(tmp_path_factory.mktemp("dpo-run"), tiny_qwen_dir, pairs)
     rc = dpo_main(["--config", str(cfg), "--run-dir", str(run)])
     return run, cfg, rc
 
@@ -249,3 +200,22 @@ def test_dpo_refuses_an_adapter_of_another_base(dpo_run, tmp_path, capsys):
     )
     assert rc == 2 and "trained on base model" in capsys.readouterr().err
     assert dpo_main(["--config", str(cfg), "--run-dir", str(tmp_path / "none")]) == 2
+
+
+def test_overrides_section_replaces_the_dpo_keys_it_names(dpo_run, tmp_path):
+    """The cai stage trains with ``--overrides-section cai_dpo``: its keys replace the dpo
+    section's (here max_steps 2 -> 1), the others stay, and the manifest records both."""
+    import yaml
+
+    run, cfg, _ = dpo_run
+    config = yaml.safe_load(cfg.read_text())
+    config["cai_dpo"] = {"max_steps": 1}
+    cfg2 = tmp_path / "cfg.yaml"
+    cfg2.write_text(yaml.safe_dump(config))
+    out = tmp_path / "cai"
+    args = ["--config", str(cfg2), "--run-dir", str(run), "--out", str(out)]
+    assert dpo_main([*args, "--overrides-section", "cai_dpo"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["training"]["global_step"] == 1 and m["config"]["dpo"]["max_steps"] == 1
+    assert m["config"]["overrides_section"] == "cai_dpo"
+    assert m["config"]["dpo"]["learning_rate"] == config["dpo"]["learning_rate"]

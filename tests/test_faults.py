@@ -15,11 +15,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from scripts.train_stage1_dpo import main as dpo_main
 from scripts.train_stage1_sft import main as sft_main
-from tests.test_dpo import make_sft_adapter, pair
+from tests.conftest import dpo_pair
 from tests.test_sft import (
     TINY_SFT,
     build_tiny_bos_model,
@@ -34,7 +33,6 @@ from utils.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
 from utils.config_validation import check_config, validate_config
 from utils.eval_config import EvalConfig, EvalInputError, ModelSpec
 from utils.evaluation import run_evaluation
-from utils.jsonl_io import write_jsonl_atomic
 
 
 def tree_digest(d: Path) -> dict[str, str]:
@@ -179,25 +177,15 @@ def test_sft_with_learning_rate_zero_is_flagged_unchanged(
     assert trained["adapter"]["adapter_unchanged"] is False
 
 
-def test_dpo_whose_only_step_has_learning_rate_zero_is_flagged_unchanged(tmp_path, small_model_dir):
+def test_dpo_whose_only_step_has_learning_rate_zero_is_flagged_unchanged(
+    tmp_path, small_model_dir, tiny_dpo_run
+):
     """Case 'unchanged adapter (DPO, one warmup step)': one step with warmup_steps 1 runs at
     lr 0, so the DPO adapter equals the SFT adapter it continued: adapter_unchanged: true."""
-    run = tmp_path / "run"
-    write_jsonl_atomic(run / "pairs" / "pairs.jsonl", [pair(i) for i in range(4)])
-    make_sft_adapter(small_model_dir, run / "sft" / "adapter")
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name": str(small_model_dir)},
-                "dpo": {
-                    "max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 5e-2,
-                    "warmup_steps": 1, "logging_steps": 1, "save_steps": 1, "dev_fraction": 0.0,
-                    "max_length": 256,
-                },
-            }
-        )
-    )  # fmt: skip
+    pairs = [dpo_pair(i) for i in range(4)]
+    run, cfg = tiny_dpo_run(
+        tmp_path, small_model_dir, pairs, max_steps=1, warmup_steps=1, save_steps=1, max_length=256
+    )
     with pytest.warns(AdapterUnchangedWarning, match="identical to the adapter it started from"):
         assert dpo_main(["--config", str(cfg), "--run-dir", str(run)]) == 0
     m = json.loads((run / "dpo" / "manifest.json").read_text())

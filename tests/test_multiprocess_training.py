@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_dpo import pair
+from tests.conftest import dpo_pair
 from tests.test_sft import stage1_records
 from utils.jsonl_io import write_jsonl_atomic
 
@@ -44,7 +44,7 @@ def assert_two_ranks(manifest: dict, steps: int) -> None:
 def test_sft_then_dpo_on_two_cpu_processes(tmp_path, tiny_qwen_dir):
     run = tmp_path / "run"
     write_jsonl_atomic(run / "stage1" / "train.jsonl", stage1_records(8))
-    write_jsonl_atomic(run / "pairs" / "pairs.jsonl", [pair(i) for i in range(4)])
+    write_jsonl_atomic(run / "pairs" / "pairs.jsonl", [dpo_pair(i) for i in range(4)])
     small = {"max_steps": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
              "dev_fraction": 0.0, "logging_steps": 1, "save_steps": 2, "max_length": 64}  # fmt: skip
     cfg = tmp_path / "cfg.yaml"

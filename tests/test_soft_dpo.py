@@ -14,8 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from scripts.train_stage1_dpo import main as dpo_main
-from tests.conftest import fresh_copy
-from tests.test_dpo import make_sft_adapter, pair
+from tests.conftest import dpo_pair, fresh_copy, make_sft_adapter
 from utils.dpo import (
     DPOStageConfig,
     attach_trainable_sft_adapter,
@@ -51,7 +50,7 @@ def make_trainer(tiny_qwen, sft_dir, tmp_path, **dpo):
         {"beta": BETA, "max_length": 64, "per_device_train_batch_size": 4, **dpo}
     )
     lm = attach_trainable_sft_adapter(fresh_copy(tiny_qwen), sft_dir)
-    pairs = [pair(i, soft_label=s) for i, s in enumerate(LABELS)]
+    pairs = [dpo_pair(i, soft_label=s) for i, s in enumerate(LABELS)]
     trainer = build_dpo_trainer(lm, pairs, [], cfg, make_dpo_args(cfg, tmp_path, False, True))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -130,13 +129,13 @@ def test_config_and_pairs_carry_soft_labels(tmp_path):
         d = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["dpo"]
         assert d["loss_type"] == ["sigmoid", "sft"] and d["soft_labels"] is True, name
     p = tmp_path / "pairs.jsonl"
-    unlabelled = {k: v for k, v in pair(2).items() if k != "soft_label"}
-    write_jsonl_atomic(p, [pair(0, soft_label=0.6), pair(1, soft_label=1), unlabelled])
+    unlabelled = {k: v for k, v in dpo_pair(2).items() if k != "soft_label"}
+    write_jsonl_atomic(p, [dpo_pair(0, soft_label=0.6), dpo_pair(1, soft_label=1), unlabelled])
     pairs, info = load_pairs(p)
     assert [x["soft_label"] for x in pairs] == [0.6, 1.0, 1.0]
     assert info["n_without_soft_label"] == 1
     for bad in (0.4, 1.2, "0.9", True):
-        write_jsonl_atomic(p, [pair(0, soft_label=bad)])
+        write_jsonl_atomic(p, [dpo_pair(0, soft_label=bad)])
         with pytest.raises(ValueError, match="soft_label must be a number in"):
             load_pairs(p)
 
@@ -186,24 +185,11 @@ def test_hard_labels_equal_trls_own_loss(soft_trainer):
 
 
 # -- a real run through the stage ----------------------------------------------------------
-def test_stage_trains_with_soft_labels_and_the_sft_term(tmp_path, tiny_qwen_dir):
-    run = tmp_path / "run"
-    pairs = [pair(i, soft_label=LABELS[i % 4]) for i in range(6)]
-    write_jsonl_atomic(run / "pairs" / "pairs.jsonl", pairs)
-    make_sft_adapter(tiny_qwen_dir, run / "sft" / "adapter")
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name": str(tiny_qwen_dir)},
-                "dpo": {
-                    "max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 5e-2,
-                    "warmup_steps": 0, "logging_steps": 1, "save_steps": 3, "dev_fraction": 0.0,
-                    "max_length": 64, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0],
-                    "soft_labels": True,
-                },
-            }
-        )
+def test_stage_trains_with_soft_labels_and_the_sft_term(tmp_path, tiny_qwen_dir, tiny_dpo_run):
+    pairs = [dpo_pair(i, soft_label=LABELS[i % 4]) for i in range(6)]
+    run, cfg = tiny_dpo_run(
+        tmp_path, tiny_qwen_dir, pairs, max_steps=3, save_steps=3,
+        loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], soft_labels=True,
     )  # fmt: skip
     assert dpo_main(["--config", str(cfg), "--run-dir", str(run)]) == 0
     log = [r for r in read_jsonl(run / "dpo" / "dpo_log.jsonl") if "loss" in r]
