@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft-adapter", help="SFT adapter to continue (default: <run>/sft/adapter)")
     ap.add_argument("--out", help="output directory (default: <run>/dpo)")
     ap.add_argument("--fresh", action="store_true", help="discard checkpoints, do not resume")
+    ap.add_argument(
+        "--overrides-section",
+        help="a config section whose keys replace the dpo section's (the cai stage: cai_dpo)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.run_dir) / "dpo"
     return stage_main("dpo", out, lambda: run_stage(args, out))
@@ -106,7 +110,10 @@ def run_stage(args: argparse.Namespace, out: Path) -> int:
         return EXIT_OK
     cfg_all = load_config(args.config, args.overrides)
     with as_input_error():  # config values and the pairs file; training errors are crashes
-        cfg = DPOStageConfig.from_dict(section(cfg_all, "dpo"))
+        dpo_values = dict(section(cfg_all, "dpo"))
+        if args.overrides_section:  # the cai stage trains with cai_dpo's keys over dpo's
+            dpo_values.update(section(cfg_all, args.overrides_section))
+        cfg = DPOStageConfig.from_dict(dpo_values)
         model_cfg = {k: v for k, v in (cfg_all.get("model") or {}).items() if k in MODEL_KEYS}
         if not (sft_adapter / "adapter_config.json").exists():
             raise InputMissingError(
@@ -123,7 +130,11 @@ def run_stage(args: argparse.Namespace, out: Path) -> int:
         write_manifest(
             out / "manifest.json",
             stage="dpo",
-            config={"dpo": dataclasses.asdict(cfg), "model": model_cfg},
+            config={
+                "dpo": dataclasses.asdict(cfg),
+                "overrides_section": args.overrides_section,
+                "model": model_cfg,
+            },
             config_file=cfg_all.get("_config_path"),
             overrides=args.overrides,
             model=lm.provenance,

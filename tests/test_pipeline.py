@@ -381,3 +381,20 @@ def test_every_config_section_a_stage_script_reads_is_in_its_key():
         names = set(read.findall((repo / s.script).read_text()))
         assert names, f"{s.script}: the pattern found no config read; update the test"
         assert names <= set(s.sections), (s.name, sorted(names - set(s.sections)))
+
+
+def test_the_cai_stage_trains_with_cai_dpo_over_dpo_and_reruns_when_it_changes(tmp_path):
+    """The cai stage runs the DPO script with ``--overrides-section cai_dpo`` (its own learning
+    rate and epochs over the dpo section's), and only its key depends on cai_dpo."""
+    import utils.pipeline as P
+
+    [cai] = [s for s in STAGES if s.name == "cai"]
+    [dpo] = [s for s in STAGES if s.name == "dpo"]
+    args = cai.args(tmp_path / "run")
+    assert args[args.index("--overrides-section") + 1] == "cai_dpo"
+    assert "--overrides-section" not in dpo.args(tmp_path / "run")
+    cfg = {"model": {}, "dpo": {"learning_rate": 2e-5}, "cai_dpo": {"learning_rate": 2e-5}}
+    changed = {**cfg, "cai_dpo": {"learning_rate": 1e-4}}
+    run = tmp_path / "run"
+    assert P.stage_key(cai, changed, run) != P.stage_key(cai, cfg, run)
+    assert P.stage_key(dpo, changed, run) == P.stage_key(dpo, cfg, run)

@@ -77,6 +77,7 @@ RANGES: dict[str, dict[str, Check]] = {
         **{k: v for k, v in _TRAINING.items() if not k.startswith("lora_")},
         "beta": POSITIVE, "chosen_logp_warn_nats": NONNEG, "chosen_logp_window": COUNT,
     },
+    "cai_dpo": {},  # filled below: the dpo section's ranges
     "pairs": {
         "num_candidates": (_ge(2)[0], ">= 2 (a pair needs two candidates)"),
         "fewshot_examples": COUNT, "max_new_tokens": COUNT, "temperature": POSITIVE,
@@ -111,6 +112,7 @@ RANGES: dict[str, dict[str, Check]] = {
         "batch_size": COUNT, "torch_threads": COUNT,
     },
 }  # fmt: skip
+RANGES["cai_dpo"] = RANGES["dpo"]  # the cai stage's overrides of the dpo section
 
 # Values a section's parser converts before its dataclass sees them.
 ALSO_ACCEPTED: dict[tuple[str, str], tuple[type, ...]] = {
@@ -233,6 +235,7 @@ def _parsers() -> dict[str, tuple[type | None, Callable[[dict[str, Any]], Any]]]
         "sft": (SFTStageConfig, SFTStageConfig.from_dict),
         "pairs": (PairsConfig, PairsConfig.from_dict),
         "dpo": (DPOStageConfig, DPOStageConfig.from_dict),
+        "cai_dpo": (DPOStageConfig, DPOStageConfig.from_dict),  # partial: over dpo's keys
         "cai": (CAIConfig, CAIConfig.from_dict),
         "eval": (EvalConfig, EvalConfig.from_dict),
         "generation": (BackendConfig, BackendConfig.from_dict),

@@ -168,14 +168,14 @@ def build_stages(cfg: dict[str, Any]) -> tuple[Stage, ...]:
         Stage(
             "cai",
             "scripts/train_stage1_dpo.py",
-            sections=("model", "dpo"),
+            sections=("model", "dpo", "cai_dpo"),  # cai_dpo: its keys replace dpo's
             inputs=(
                 "cai_pairs/pairs.jsonl",
                 "sft/adapter/adapter_model.safetensors",
                 "dpo/adapter/adapter_model.safetensors",
             ),
             # --pairs <run>/cai_pairs/pairs.jsonl --sft-adapter <the policy the pairs came from>
-            args=cai_dpo_args,
+            args=lambda run: [*cai_dpo_args(run), "--overrides-section", "cai_dpo"],
         ),
         Stage(
             "eval",
