@@ -1,4 +1,5 @@
-"""Near-duplicate detection, dedup, incremental index, leak-free split (utils/dedup.py)."""
+"""Near-duplicate detection (utils/minhash_lsh.py), dedup, incremental index, leak-free split
+(utils/dedup.py)."""
 
 from __future__ import annotations
 
@@ -12,22 +13,24 @@ import numpy as np
 import pytest
 
 from utils.dedup import (
+    NearDupIndex,
+    deduplicate,
+    leakage_check,
+    near_duplicate_groups,
+    plan_split,
+    split_train_test,
+)
+from utils.minhash_lsh import (
     DedupConfig,
     MinHasher,
-    NearDupIndex,
     candidate_probability,
     char_shingles,
     choose_bands,
-    deduplicate,
     estimate_jaccard,
     jaccard,
-    leakage_check,
     lsh_candidate_pairs,
-    near_duplicate_groups,
     normalize_text,
-    plan_split,
     shingles,
-    split_train_test,
     text_similarity,
     word_shingles,
 )
@@ -228,7 +231,7 @@ def test_signatures_are_deterministic_across_processes():
     assert np.array_equal(first, MinHasher(64, seed=5).signatures(sets))
     assert not np.array_equal(first, MinHasher(64, seed=6).signatures(sets))
     code = (
-        "from utils.dedup import MinHasher, shingles\n"
+        "from utils.minhash_lsh import MinHasher, shingles\n"
         f"s = [shingles(t) for t in {[COURAGE_TELL, FRANCE, PRIMES]!r}]\n"
         "print(MinHasher(64, seed=5).signatures(s).tolist())"
     )

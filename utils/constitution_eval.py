@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from utils.dedup import DEFAULT_THRESHOLD, leakage_check, normalize_text, text_similarity
+from utils.dedup import leakage_check
 from utils.jsonl_io import JsonlError, read_jsonl_numbered
+from utils.minhash_lsh import DEFAULT_THRESHOLD, normalize_text, text_similarity
 from utils.response_format import format_completion, format_prompt
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ def _extend_phrase(words_of: list[list[str]], phrase: list[str]) -> list[str]:
 def boilerplate_share(responses: Sequence[str], min_words: int = 4) -> dict[str, Any]:
     """The stock phrase shared by most responses and the share of responses that contain it.
 
-    Responses are normalised (``utils.dedup.normalize_text``: case-folded, punctuation
+    Responses are normalised (``utils.minhash_lsh.normalize_text``: case-folded, punctuation
     removed). A stock phrase is a word n-gram of ``min_words`` words that occurs in more than
     one response; the one in most responses wins (ties: the earliest first occurrence) and is
     then grown while all of those responses still share it. Returns ``{"phrase": str | None,
@@ -350,7 +351,7 @@ class TrainingLeak:
     training_index: int  # the most similar (or containing) training text
     training_text: str
     kind: str  # "exact", "contained" or "near_duplicate"
-    similarity: float  # exact Jaccard of the shingle sets (utils.dedup)
+    similarity: float  # exact Jaccard of the shingle sets (utils.minhash_lsh)
 
 
 def find_training_leaks(
@@ -358,7 +359,7 @@ def find_training_leaks(
 ) -> list[TrainingLeak]:
     """Eval texts that equal, are contained in, or are near-duplicates of a training text.
 
-    Equality and containment compare ``utils.dedup.normalize_text`` forms (whole words);
+    Equality and containment compare ``utils.minhash_lsh.normalize_text`` forms (whole words);
     near-duplicates are ``utils.dedup.leakage_check``'s (MinHash/LSH candidates verified by
     exact Jaccard >= ``threshold``). One leak per leaked eval text, in eval order."""
     eval_texts, training_texts = list(eval_texts), list(training_texts)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from utils import dedup
+from utils.minhash_lsh import DEFAULT_CONFIG, DedupConfig
 from utils.response_format import RESPONSE_STOP_STRINGS, marker_leaked
 
 STOP_REASONS = ("marker", "eos", "max_new_tokens", "stop_string")
@@ -126,7 +127,7 @@ def compute_qc(
     *,
     duplicate_flags: Sequence[bool] | None = None,
     dedup_threshold: float | None = None,
-    dedup_config: dedup.DedupConfig | None = None,
+    dedup_config: DedupConfig | None = None,
     step_counts: Mapping[str, Sequence[int]] | None = None,
     leak_strings: Sequence[str] = (),
     stop_strings: Sequence[str] = (),
@@ -153,7 +154,7 @@ def compute_qc(
         near_dup = [bool(f) for f in flags]
         near_dup_threshold = None
     else:
-        config = dedup.DEFAULT_CONFIG if dedup_config is None else dedup_config
+        config = DEFAULT_CONFIG if dedup_config is None else dedup_config
         near_dup_threshold = config.threshold if dedup_threshold is None else dedup_threshold
         _, removed = dedup.deduplicate(
             [r["instruction"] for r in records], threshold=near_dup_threshold, config=config

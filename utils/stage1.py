@@ -31,9 +31,10 @@ from typing import Any
 
 from utils import completion_prompts as cp
 from utils.clean_model_loader import LoadedModel
-from utils.dedup import DedupConfig, NearDupIndex, split_train_test
+from utils.dedup import NearDupIndex, split_train_test
 from utils.generation import STOP_EOS, STOP_LIMIT, STOP_STRING, DecodingConfig, generate
 from utils.jsonl_io import JsonlAppender, read_jsonl, resume, write_jsonl_atomic
+from utils.minhash_lsh import DedupConfig
 from utils.qc import QCGates, compute_qc, evaluate_gates, format_gate_report
 from utils.response_format import END_OF_RESPONSE_MARKER, RESPONSE_STOP_STRINGS, marker_leaked
 
