@@ -28,13 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.clean_model_loader import adapter_hash, attach_adapter  # noqa: E402
 from utils.config import add_config_args, section  # noqa: E402
-from utils.constitution import (  # noqa: E402
-    DEFAULT_CONSTITUTION,
-    CAIConfig,
-    load_constitution,
-    resolve_policy,
-)
+from utils.constitution_config import CAIConfig  # noqa: E402
 from utils.constitution_contrastive import print_contrastive_summary, run_cai  # noqa: E402
+from utils.constitution_policy import resolve_policy  # noqa: E402
+from utils.constitution_prompts import DEFAULT_CONSTITUTION, load_constitution  # noqa: E402
 from utils.errors import EXIT_OK, ProjectInputError, as_input_error  # noqa: E402
 from utils.preference_pairs import load_training_instructions  # noqa: E402
 from utils.run_context import StageRun, stage_main  # noqa: E402

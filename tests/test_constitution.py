@@ -16,32 +16,33 @@ import yaml
 
 from tests.conftest import fresh_copy
 from utils.completion_prompts import find_chat_markup
-from utils.constitution import (
-    CAI_MARKERS,
-    DEFAULT_CONSTITUTION,
+from utils.constitution import run_constitution
+from utils.constitution_config import CAIConfig
+from utils.constitution_pairs import (
     DROP_REASONS,
-    CAIConfig,
-    ConstitutionError,
     ab_soft_label,
-    cai_dpo_args,
-    cai_prompt_id,
     critique_problem,
-    critique_prompt,
     find_leak,
-    judge_prompt,
-    judge_prompts,
     label_decision,
-    load_constitution,
     pair_record,
-    parse_constitution,
-    resolve_policy,
     response_problem,
     resume_outputs,
     revision_problem,
-    revision_prompt,
-    run_constitution,
-    sample_principle,
     summarize_records,
+)
+from utils.constitution_policy import cai_dpo_args, resolve_policy
+from utils.constitution_prompts import (
+    CAI_MARKERS,
+    DEFAULT_CONSTITUTION,
+    ConstitutionError,
+    cai_prompt_id,
+    critique_prompt,
+    judge_prompt,
+    judge_prompts,
+    load_constitution,
+    parse_constitution,
+    revision_prompt,
+    sample_principle,
 )
 from utils.jsonl_io import JsonlAppender, JsonlError, read_jsonl
 from utils.response_format import RESPONSE_STOP_STRINGS, format_completion, format_prompt
@@ -234,7 +235,7 @@ def test_real_prompts_are_plain_documents_that_end_where_the_model_continues():
 
 
 def test_generation_stops_where_the_document_moves_on():
-    from utils.constitution import CRITIQUE_STOP_STRINGS, REVISION_STOP_STRINGS
+    from utils.constitution_prompts import CRITIQUE_STOP_STRINGS, REVISION_STOP_STRINGS
 
     for marker in CAI_MARKERS:
         assert "\n" + marker in CRITIQUE_STOP_STRINGS and "\n" + marker in REVISION_STOP_STRINGS
@@ -737,7 +738,8 @@ def test_tiny_sft_policy_answers_and_the_base_model_critiques(
     """The adapter writes the response; critique, revision and judge run on the base weights
     (reproduced exactly on the plain base model from the stored prompts and seeds)."""
     from utils.clean_model_loader import adapter_hash, attach_adapter
-    from utils.constitution import CRITIQUE_STOP_STRINGS, REVISION_STOP_STRINGS, _decoding
+    from utils.constitution import _decoding
+    from utils.constitution_prompts import CRITIQUE_STOP_STRINGS, REVISION_STOP_STRINGS
     from utils.generation import generate
 
     c = load_constitution()

@@ -14,15 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import fresh_copy
-from utils.constitution import (
-    DEFAULT_CONSTITUTION,
-    CAIConfig,
-    ConstitutionError,
-    cai_prompt_id,
-    load_constitution,
-    parse_constitution,
-    sample_principle,
-)
+from utils.constitution_config import CAIConfig
 from utils.constitution_contrastive import (
     CONTEXT_ECHO_WORDS,
     DROP_REASONS,
@@ -38,6 +30,14 @@ from utils.constitution_contrastive import (
     run_cai,
     run_contrastive,
     summarize_records,
+)
+from utils.constitution_prompts import (
+    DEFAULT_CONSTITUTION,
+    ConstitutionError,
+    cai_prompt_id,
+    load_constitution,
+    parse_constitution,
+    sample_principle,
 )
 from utils.critic_prompts import pmi_completion
 from utils.dedup import leakage_check

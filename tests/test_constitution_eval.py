@@ -12,7 +12,6 @@ import pytest
 
 from tests.conftest import fresh_copy
 from utils.completion_prompts import find_chat_markup
-from utils.constitution import load_constitution
 from utils.constitution_eval import (
     HARMFUL_PATH,
     OVERREFUSAL_PATH,
@@ -31,6 +30,7 @@ from utils.constitution_eval import (
     refusal_or_redirect,
     safe_handling,
 )
+from utils.constitution_prompts import load_constitution
 from utils.eval_prompts import ICL_RECORDS, TASKS
 from utils.jsonl_io import JsonlError
 from utils.response_format import format_completion, format_prompt

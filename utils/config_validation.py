@@ -208,7 +208,7 @@ def _dataclass_types(cls: type) -> dict[str, str]:
 def _parsers() -> dict[str, tuple[type | None, Callable[[dict[str, Any]], Any]]]:
     """section -> (its dataclass, or None, and the stage's own parser). Imported here: the
     stage modules pull in torch and transformers."""
-    from utils.constitution import CAIConfig
+    from utils.constitution_config import CAIConfig
     from utils.constraint_library import constraints_from_config
     from utils.contamination import SentinelConfig
     from utils.critic import CriticConfig

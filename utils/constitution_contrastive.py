@@ -18,7 +18,7 @@ optionally instruction_ids/kwargs) and its principle (``sample_principle``, as i
    ``top_p``, seed ``cai.seed``; the noise of a row is seeded by (seed, prompt), so the two
    sides draw different noise). The pair stores the answers only, under the prompt
    ``format_prompt(instruction)`` the model sees at inference: no context text.
-3. **Filters**, per side (follow first): empty, leaked (``utils.constitution.find_leak``:
+3. **Filters**, per side (follow first): empty, leaked (``utils.constitution_pairs.find_leak``:
    control/EOS strings, chat markup, format headers, role labels such as "Assistant:", this
    stage's headers; or ``CONTEXT_ECHO_WORDS`` consecutive words of either context repeated),
    truncated (``cai.exclude_truncated``); then identical answers (whitespace-normalised).
@@ -44,7 +44,7 @@ optionally instruction_ids/kwargs) and its principle (``sample_principle``, as i
    counted: p < 0.5 (``label_contradicts``) and p = 0.5 (``label_tie``).
 
 Files (``records.jsonl`` first, then ``pairs.jsonl``), resume and refusals are the revise
-path's (``utils.constitution.resume_outputs`` with this module's ``pair_record``); the prompt id
+path's (``utils.constitution_pairs.resume_outputs`` with this module's ``pair_record``); the prompt id
 (``contrastive_prompt_id``) differs from every revise id, so neither path resumes the other's
 records. ``run_cai`` dispatches on ``cai.mode``; ``both`` writes ``revise/`` and
 ``contrastive/`` sub-directories and their pairs together into ``<out>/pairs.jsonl``.
@@ -63,17 +63,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from utils.constitution import (
-    CAIConfig,
-    Constitution,
-    Principle,
     _decoding,
     _generation_record,
-    find_leak,
     forbidden_strings,
-    resume_outputs,
     run_constitution,
-    sample_principle,
 )
+from utils.constitution_config import CAIConfig
+from utils.constitution_pairs import find_leak, resume_outputs
+from utils.constitution_prompts import Constitution, Principle, sample_principle
 from utils.critic import base_only
 from utils.critic_prompts import pmi_completion
 from utils.instruction_checkers import count_words

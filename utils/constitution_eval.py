@@ -116,7 +116,7 @@ def load_principle_items(
     """The principle preference set. ``principle_ids`` defaults to the principles of
     ``configs/constitution.yaml``; an unknown principle or split raises ``JsonlError``."""
     if principle_ids is None:
-        from utils.constitution import load_constitution
+        from utils.constitution_prompts import load_constitution
 
         principle_ids = [p.id for p in load_constitution().principles]
     known = set(principle_ids)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.constitution import cai_dpo_args
+from utils.constitution_policy import cai_dpo_args
 from utils.errors import STATUS_OK, STATUS_SKIPPED
 from utils.jsonl_io import write_json_atomic
 from utils.provenance import config_hash
