@@ -20,9 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.jsonl_io import write_json_atomic  # noqa: E402
+from utils.jsonl_io import write_json_atomic
 
 MODES = ("one_arm", "sequential", "all_at_once")
 RESULT_PREFIX = "BENCH_RESULT "

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from utils.clean_model_loader import CleanModelLoader  # noqa: E402
-from utils.eval_prompts import build_eval_set  # noqa: E402
-from utils.generation import DecodingConfig, generate  # noqa: E402
-from utils.response_format import RESPONSE_STOP_STRINGS, format_prompt  # noqa: E402
+from utils.clean_model_loader import CleanModelLoader
+from utils.eval_prompts import build_eval_set
+from utils.generation import DecodingConfig, generate
+from utils.response_format import RESPONSE_STOP_STRINGS, format_prompt
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -26,17 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.jsonl_io import write_json_atomic  # noqa: E402
-from utils.provenance import git_commit, package_versions  # noqa: E402
-from utils.sft import (  # noqa: E402
+from utils.jsonl_io import write_json_atomic
+from utils.provenance import git_commit, package_versions
+from utils.sft import (
     SFTStageConfig,
     build_sft_trainer,
     sft_args_kwargs,
     sft_examples,
 )
-from utils.training_common import (  # noqa: E402
+from utils.training_common import (
     StepTimer,
     load_base_model,
 )

@@ -18,22 +18,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.config import add_config_args, apply_overrides, load_config  # noqa: E402
-from utils.constraint_library import constraints_from_config  # noqa: E402
-from utils.errors import EXIT_OK, as_input_error  # noqa: E402
-from utils.eval_config import (  # noqa: E402
+from utils.config import add_config_args, apply_overrides, load_config
+from utils.constraint_library import constraints_from_config
+from utils.errors import EXIT_OK, as_input_error
+from utils.eval_config import (
     BASE_ARMS,
     EvalConfig,
     EvalInputError,
     ModelSpec,
     parse_arm_list,
 )
-from utils.evaluation import run_evaluation  # noqa: E402
-from utils.provenance import write_manifest  # noqa: E402
-from utils.report import summary_table, write_report  # noqa: E402
-from utils.run_context import stage_main  # noqa: E402
+from utils.evaluation import run_evaluation
+from utils.provenance import write_manifest
+from utils.report import summary_table, write_report
+from utils.run_context import stage_main
 
 _ARM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 

@@ -22,17 +22,14 @@ import argparse
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils import critic_calibration as calibration  # noqa: E402
-from utils import critic_checkset as cc  # noqa: E402
-from utils.config import ConfigError, add_config_args  # noqa: E402
-from utils.critic import CriticConfig, judge_prompt_id  # noqa: E402
-from utils.critic_prompts import PAIR_MODES, POINTWISE_PROMPTS  # noqa: E402
-from utils.jsonl_io import JsonlError, write_json_atomic  # noqa: E402
-from utils.run_context import StageRun  # noqa: E402
+from utils import critic_calibration as calibration
+from utils import critic_checkset as cc
+from utils.config import ConfigError, add_config_args
+from utils.critic import CriticConfig, judge_prompt_id
+from utils.critic_prompts import PAIR_MODES, POINTWISE_PROMPTS
+from utils.jsonl_io import JsonlError, write_json_atomic
+from utils.run_context import StageRun
 
 DEFAULT_SHOTS = {"pmi": "0,3", "pointwise": "4,8", "pairwise": "2,4"}
 

@@ -24,18 +24,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.clean_model_loader import adapter_hash, attach_adapter  # noqa: E402
-from utils.config import add_config_args, section  # noqa: E402
-from utils.constitution_config import CAIConfig  # noqa: E402
-from utils.constitution_contrastive import print_contrastive_summary, run_cai  # noqa: E402
-from utils.constitution_policy import resolve_policy  # noqa: E402
-from utils.constitution_prompts import DEFAULT_CONSTITUTION, load_constitution  # noqa: E402
-from utils.errors import EXIT_OK, ProjectInputError, as_input_error  # noqa: E402
-from utils.preference_pairs import load_training_instructions  # noqa: E402
-from utils.run_context import StageRun, stage_main  # noqa: E402
-from utils.soft_label_summary import print_summary_table  # noqa: E402
+from utils.clean_model_loader import adapter_hash, attach_adapter
+from utils.config import add_config_args, section
+from utils.constitution_config import CAIConfig
+from utils.constitution_contrastive import print_contrastive_summary, run_cai
+from utils.constitution_policy import resolve_policy
+from utils.constitution_prompts import DEFAULT_CONSTITUTION, load_constitution
+from utils.errors import EXIT_OK, ProjectInputError, as_input_error
+from utils.preference_pairs import load_training_instructions
+from utils.run_context import StageRun, stage_main
+from utils.soft_label_summary import print_summary_table
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:

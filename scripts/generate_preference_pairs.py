@@ -15,19 +15,17 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.clean_model_loader import adapter_hash, attach_adapter  # noqa: E402
-from utils.config import add_config_args, section  # noqa: E402
-from utils.critic import CriticConfig, judge_prompt_id  # noqa: E402
-from utils.errors import EXIT_OK, InputMissingError, ProjectInputError, as_input_error  # noqa: E402
-from utils.preference_pairs import (  # noqa: E402
+from utils.clean_model_loader import adapter_hash, attach_adapter
+from utils.config import add_config_args, section
+from utils.critic import CriticConfig, judge_prompt_id
+from utils.errors import EXIT_OK, InputMissingError, ProjectInputError, as_input_error
+from utils.preference_pairs import (
     PairsConfig,
     load_training_instructions,
     run_preference_pairs,
 )
-from utils.run_context import StageRun, stage_main  # noqa: E402
-from utils.soft_label_summary import print_summary_table  # noqa: E402
+from utils.run_context import StageRun, stage_main
+from utils.soft_label_summary import print_summary_table
 
 
 def main(argv: list[str] | None = None) -> int:

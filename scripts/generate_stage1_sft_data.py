@@ -13,22 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.config import add_config_args, section  # noqa: E402
-from utils.constraint_library import (
-    constrain_tasks,  # noqa: E402
-    constraints_from_config,  # noqa: E402
-)
-from utils.critic import CriticConfig  # noqa: E402
-from utils.errors import EXIT_OK, as_input_error  # noqa: E402
-from utils.jsonl_io import read_jsonl, write_json_atomic, write_jsonl_atomic  # noqa: E402
-from utils.run_context import StageRun, stage_main  # noqa: E402
-from utils.stage1 import Stage1Config, run_stage1  # noqa: E402
+from utils.config import add_config_args, section
+from utils.constraint_library import constrain_tasks, constraints_from_config
+from utils.critic import CriticConfig
+from utils.errors import EXIT_OK, as_input_error
+from utils.jsonl_io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from utils.run_context import StageRun, stage_main
+from utils.stage1 import Stage1Config, run_stage1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,10 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils import embedded_models as em  # noqa: E402
-from utils.config import add_config_args, load_config  # noqa: E402
+from utils import embedded_models as em
+from utils.config import add_config_args, load_config
 
 GiB = 1024**3
 # Outputs of one run (JSONL, LoRA adapters, checkpoints, eval cache) on the CPU default.

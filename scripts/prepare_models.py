@@ -9,11 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils import embedded_models as em  # noqa: E402
+from utils import embedded_models as em
 
 
 def main(argv: list[str] | None = None) -> int:

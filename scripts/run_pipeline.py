@@ -23,19 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.config import DEFAULT_CONFIG, REPO_ROOT, load_config  # noqa: E402
-from utils.config_validation import check_config  # noqa: E402
-from utils.errors import (  # noqa: E402
+from utils.config import DEFAULT_CONFIG, REPO_ROOT, load_config
+from utils.config_validation import check_config
+from utils.errors import (
     EXIT_BAD_INPUT,
     EXIT_CRASH,
     EXIT_OK,
     ProjectInputError,
     as_input_error,
 )
-from utils.pipeline import STAGES, build_stages, run_pipeline  # noqa: E402
-from utils.stage_process import PipelineInterrupted  # noqa: E402
+from utils.pipeline import STAGES, build_stages, run_pipeline
+from utils.stage_process import PipelineInterrupted
 
 QUICK_CONFIG = REPO_ROOT / "configs" / "quick.yaml"
 

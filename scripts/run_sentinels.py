@@ -24,10 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.config import add_config_args, load_config  # noqa: E402
-from utils.contamination import (  # noqa: E402
+from utils.config import add_config_args, load_config
+from utils.contamination import (
     EXIT_CODES,
     PROMPT_FORMATS,
     SentinelConfig,
@@ -38,16 +36,16 @@ from utils.contamination import (  # noqa: E402
     run_sentinel_suite,
     summary_table,
 )
-from utils.errors import (  # noqa: E402
+from utils.errors import (
     EXIT_GATE,
     EXIT_OK,
     STATUS_FAILED,
     STATUS_OK,
     as_input_error,
 )
-from utils.jsonl_io import write_json_atomic  # noqa: E402
-from utils.provenance import write_manifest  # noqa: E402
-from utils.run_context import stage_main  # noqa: E402
+from utils.jsonl_io import write_json_atomic
+from utils.provenance import write_manifest
+from utils.run_context import stage_main
 
 
 def build_config(cfg: dict, args: argparse.Namespace) -> SentinelConfig:

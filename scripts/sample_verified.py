@@ -19,18 +19,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.clean_model_loader import adapter_hash, attach_adapter  # noqa: E402
-from utils.completion_prompts import load_response_examples  # noqa: E402
-from utils.config import add_config_args, section  # noqa: E402
-from utils.constraint_library import constraints_from_config  # noqa: E402
-from utils.critic import CriticConfig  # noqa: E402
-from utils.errors import EXIT_OK, InputMissingError, as_input_error  # noqa: E402
-from utils.jsonl_io import RECORD_ID, read_jsonl, write_json_atomic  # noqa: E402
-from utils.run_context import StageRun, stage_main  # noqa: E402
-from utils.soft_label_summary import histogram, print_summary_table  # noqa: E402
-from utils.verified_sampling import (  # noqa: E402
+from utils.clean_model_loader import adapter_hash, attach_adapter
+from utils.completion_prompts import load_response_examples
+from utils.config import add_config_args, section
+from utils.constraint_library import constraints_from_config
+from utils.critic import CriticConfig
+from utils.errors import EXIT_OK, InputMissingError, as_input_error
+from utils.jsonl_io import RECORD_ID, read_jsonl, write_json_atomic
+from utils.run_context import StageRun, stage_main
+from utils.soft_label_summary import histogram, print_summary_table
+from utils.verified_sampling import (
     POLICY_BASE,
     VerifiedConfig,
     allowed_demos,

@@ -21,11 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from any directory
-
-from utils.task_queue import (  # noqa: E402
+from utils.task_queue import (
     PRIORITIES,
     STATES,
     TaskError,
@@ -34,6 +30,7 @@ from utils.task_queue import (  # noqa: E402
     format_table,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO_ROOT / "tasks"
 
 

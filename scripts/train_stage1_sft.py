@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.config import add_config_args, load_config, section  # noqa: E402
-from utils.errors import EXIT_OK, as_input_error  # noqa: E402
-from utils.provenance import write_manifest  # noqa: E402
-from utils.run_context import stage_main  # noqa: E402
-from utils.sft import (  # noqa: E402
+from utils.config import add_config_args, load_config, section
+from utils.errors import EXIT_OK, as_input_error
+from utils.provenance import write_manifest
+from utils.run_context import stage_main
+from utils.sft import (
     SFTStageConfig,
     balance_types,
     load_stage1,
     make_sft_args,
     run_sft,
 )
-from utils.training_common import (  # noqa: E402
+from utils.training_common import (
     MODEL_KEYS,
     load_base_model,
     resolve_device,
