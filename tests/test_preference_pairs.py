@@ -14,20 +14,22 @@ from tests.conftest import fresh_copy
 from utils.critic import CriticConfig, compare_pairs, score_responses
 from utils.critic_prompts import PROMPT_VERSION
 from utils.jsonl_io import JsonlError, read_jsonl
+from utils.pair_selection import (
+    candidate_scores,
+    exclusion_reasons,
+    pair_records,
+    pointwise_candidate_scores,
+    pointwise_comparisons,
+    select_pairs,
+    summarize_judgements,
+)
 from utils.preference_math import response_verdict
 from utils.preference_pairs import (
     PairsConfig,
     candidate_plan,
-    candidate_scores,
-    exclusion_reasons,
     generate_candidates,
     judge_candidates,
-    pair_records,
-    pointwise_candidate_scores,
-    pointwise_comparisons,
     run_preference_pairs,
-    select_pairs,
-    summarize_judgements,
 )
 from utils.response_format import format_completion, format_prompt
 from utils.soft_label_summary import histogram

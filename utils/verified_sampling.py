@@ -450,7 +450,7 @@ def judge_samples(
 ) -> list[dict[str, Any]]:
     """Checks, relevance (base weights) and the keep/pair decision for each record."""
     from utils.critic import pmi_scores
-    from utils.preference_pairs import exclusion_reasons
+    from utils.pair_selection import exclusion_reasons
 
     control = lm.policy.control_token_strings
     todo: list[tuple[int, int]] = []
