@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from utils.config import ConfigError
-from utils.vllm_engine import BackendConfig, attached_engine, resolve_backend, vllm_installed
+from utils.generation import attached_engine
+from utils.vllm_engine import BackendConfig, resolve_backend, vllm_installed
 
 needs_vllm = pytest.mark.skipif(
     not vllm_installed(), reason="vllm not installed (pip install -r requirements-vllm.txt)"

@@ -233,6 +233,20 @@ def finished_generation(
     )
 
 
+# Where a backend engine (utils/vllm_engine.py) is attached to a loaded model. It lives here, in
+# the front door, so that generate() routes to a backend without importing it (vllm_engine
+# imports this module, not the other way round).
+ENGINE_KEY = "generation_backend"
+
+
+def attached_engine(lm: LoadedModel) -> Any:
+    """The backend engine for ``lm``'s next generate call (its ``generate(lm, prompts, encoded,
+    decoding, seeds, progress)`` returns this module's Generations), or None (HF): None while a
+    LoRA adapter is attached to the HF model (adapter serving is not wired to vLLM)."""
+    engine = lm.derived_cache.get(ENGINE_KEY)
+    return engine if engine is not None and not lm.adapters else None
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """The forward keyword for the KV cache: ``cache`` from transformers 5.2x on,
     ``past_key_values`` before (an unknown keyword is swallowed by ``**kwargs`` there, and the
@@ -314,8 +328,6 @@ def generate(
     if not allow_control_tokens:
         for i, r in enumerate(encoded):
             lm.check_ids(r, where=f"prompt {i}")  # the ids fed to either engine
-    from utils.vllm_engine import attached_engine
-
     engine = attached_engine(lm)
     if engine is not None:  # generation.backend resolved to vLLM (utils/vllm_engine.py)
         return engine.generate(lm, prompts, encoded, decoding, seeds, progress)

@@ -35,12 +35,20 @@ from typing import TYPE_CHECKING, Any
 
 from utils.config import ConfigError
 
+# One direction only: generation.py owns the engine slot (ENGINE_KEY, attached_engine) and never
+# imports this module; this backend imports generation's types and its row-finishing rule.
+from utils.generation import (
+    ENGINE_KEY,
+    DecodingConfig,
+    Generation,
+    finished_generation,
+    row_seed,
+)
+
 if TYPE_CHECKING:
     from utils.clean_model_loader import LoadedModel
-    from utils.generation import DecodingConfig, Generation
 
 BACKENDS = ("auto", "hf", "vllm")
-ENGINE_KEY = "generation_backend"
 
 
 @dataclass(frozen=True)
@@ -139,8 +147,6 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from utils.generation import finished_generation, row_seed
-
         params = []
         for prompt, seed in zip(prompts, seeds, strict=True):
             params.append(
@@ -182,10 +188,3 @@ def attach_backend(lm: LoadedModel, gen_cfg: dict[str, Any] | None) -> dict[str,
         lm.derived_cache[ENGINE_KEY] = engine
         info.update(engine.describe())
     return info
-
-
-def attached_engine(lm: LoadedModel) -> VllmEngine | None:
-    """The vLLM engine for ``lm``'s next generate call, or None (HF): None while a LoRA
-    adapter is attached to the HF model (adapter serving is not wired to vLLM)."""
-    engine = lm.derived_cache.get(ENGINE_KEY)
-    return engine if engine is not None and not lm.adapters else None
