@@ -11,7 +11,8 @@ pipeline with the tail of the stage's stderr and the command to rerun it. One pi
 directory at a time. Ends with the stage table (skipped stages with their reason), the
 evaluation summary and the path of the report. Exit codes (utils/errors.py): 0 every stage done,
 2 bad input (config, run locked by another pipeline, a stage process of a killed run still
-running), 1 a stage failed or preflight failed, 128 + signal when interrupted.
+running, or a stage that refused its input with exit 2, e.g. an instruct or contaminated
+model), 1 a stage failed otherwise or preflight failed, 128 + signal when interrupted.
 """
 
 from __future__ import annotations
@@ -96,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\npipeline {e}; the running stage was ended; rerun to resume", file=sys.stderr)
         return 128 + e.signum
     print_table(rows, time.perf_counter() - t0)
-    if any(r["failed"] for r in rows):
+    failed = [r for r in rows if r["failed"]]
+    if failed:
         again = shlex.join([sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])])
         print(f"\na stage failed (see above); rerun the pipeline with:\n  {again}", file=sys.stderr)
-        return EXIT_CRASH
+        # A stage's bad-input refusal (its one "error:" line is in the tail above) stays exit 2.
+        return EXIT_BAD_INPUT if failed[-1]["exit_code"] == EXIT_BAD_INPUT else EXIT_CRASH
     summary = run_dir / "eval" / "summary.txt"
     if summary.exists():
         print("\n" + summary.read_text())

@@ -27,6 +27,7 @@ from pathlib import Path
 from utils.config import add_config_args, load_config
 from utils.contamination import (
     EXIT_CODES,
+    MODES,
     PROMPT_FORMATS,
     SentinelConfig,
     calibration_controls,
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         help="template with {prompt} for --format chat-template (escapes like \\n allowed); "
         "default: the first chat format the vocabulary supports",
     )
-    ap.add_argument("--mode", choices=("static", "quick", "full"), help="default: full")
+    ap.add_argument("--mode", choices=MODES, help="default: full")
     ap.add_argument("--threads", type=int, help="torch threads while the suite runs")
     ap.add_argument("--json", help="write the result JSON here too")
     ap.add_argument("--out", help="output directory (default: runs/sentinels/<model>)")

@@ -50,7 +50,11 @@ VERDICTS = ("clean", "suspicious", "contaminated", "error")  # in increasing sev
 # Bumped when a verdict for the same model and config can change; cached verdicts keyed on it.
 # 2: trained arms are judged on chat-only end tokens, behaviour informational (KNOWN_BUGS #18).
 SUITE_VERSION = 2
-MODES = ("static", "quick", "full")
+# static: the token/template checks, no forward pass. probe: + the weight probe (one batch of
+# next-token probabilities, ~2 s on Gemma-3-270M CPU): the cheapest check that sees instruct
+# WEIGHTS, so every shipped preset runs at least this (issue 14). quick: + greedy behaviour
+# (~13 s more). full: + sampled behaviour (calibration).
+MODES = ("static", "probe", "quick", "full")
 PROMPT_FORMATS = ("raw", "chat-template")
 
 
@@ -373,7 +377,7 @@ def end_token_ids(lm: LoadedModel) -> dict[str, int]:
 class SentinelConfig:
     """What ``run_sentinel_suite`` runs. Defaults are the CPU defaults (2 cores)."""
 
-    mode: str = "quick"  # static | quick (static + greedy + weight probe) | full (+ sampled)
+    mode: str = "quick"  # static | probe (+ weight probe) | quick (+ greedy) | full (+ sampled)
     prompt_format: str = "raw"  # raw | chat-template (positive controls)
     chat_template: str | None = None  # "{prompt}" template for chat-template; None: from vocab
     max_new_tokens: int = 40
@@ -954,7 +958,7 @@ def run_sentinel_suite(
             if trained:
                 probe_every_stop = weight_probe(lm, batch_size=cfg.batch_size)
             timings["weight_probe"] = round(time.perf_counter() - t, 3)
-
+        if cfg.mode in ("quick", "full"):
             t = time.perf_counter()
             greedy, gen_probe, gen_probe_every_stop = _greedy_pass(lm, cfg, prompts, trained)
             timings["greedy_generation"] = round(time.perf_counter() - t, 3)

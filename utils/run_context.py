@@ -170,8 +170,9 @@ def run_configured_sentinels(lm: LoadedModel, sentinel_cfg: dict[str, Any]) -> d
     """Run the sentinel suite in the mode the config asks for and refuse a contaminated model.
 
     ``mode``: "off" records that nothing ran; "static" runs the token/template checks only;
-    "quick" adds greedy behavioural probes (the load-time default). A "contaminated" verdict
-    stops the stage unless the model was loaded as a positive control."""
+    "probe" adds the weight probe (configs/quick.yaml); "quick" adds greedy behavioural probes
+    (the load-time default). A "contaminated" verdict stops the stage (``ContaminationError``:
+    exit 2, one line) unless the model was loaded as a positive control."""
     mode = sentinel_cfg.get("mode", "quick")
     if mode in ("off", False, None):  # YAML reads a bare `off` as False
         return {"mode": "off", "verdict": "not run"}
