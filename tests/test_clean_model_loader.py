@@ -17,9 +17,13 @@ from utils.clean_model_loader import (
     CleanModelLoader,
     ContaminationError,
     InstructModelError,
+    Placement,
     attach_adapter,
+    plan_placement,
+    resolve_device,
     write_adapter_manifest,
 )
+from utils.config import ConfigError
 from utils.response_format import format_prompt
 
 PROMPT = format_prompt("Name a primary colour.")
@@ -208,6 +212,163 @@ def test_four_bit_without_bitsandbytes_is_a_clear_error(tiny_qwen_dir):
         pass
     with pytest.raises(ImportError, match="bitsandbytes"):
         CleanModelLoader(quantization="4bit").load(str(tiny_qwen_dir))
+
+
+# -- placement on GPUs and the attention kernel (KNOWN_BUGS 58, 59) ------------------------------
+@pytest.mark.parametrize(
+    "env_rank, device, cuda, expected",
+    [
+        ("1", "cuda", False, "cuda:1"),  # each process of a launch takes its own GPU
+        (None, "cuda", False, "cuda:0"),
+        ("1", "cuda:3", False, "cuda:3"),  # an explicit index is kept
+        ("2", None, True, "cuda:2"),
+        ("2", None, False, "cpu"),
+        ("1", "cpu", True, "cpu"),
+    ],
+)
+def test_resolve_device_takes_the_local_rank_gpu(monkeypatch, env_rank, device, cuda, expected):
+    if env_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", env_rank)
+    assert resolve_device(device, cuda_available=cuda) == expected
+
+
+def test_plan_placement_for_each_launch():
+    # quantised: always through device_map, on the process's GPU, FSDP or not
+    q = Placement("device_map", "cuda:1", {"": "cuda:1"})
+    assert plan_placement("cuda:1", quantized=True) == q
+    assert plan_placement("cuda:1", quantized=True, fsdp_cpu_ram_efficient=True, rank=1) == q
+    # FSDP RAM-efficient: one full copy in CPU RAM on local rank 0, meta elsewhere
+    assert plan_placement("cuda:0", False, True, rank=0) == Placement("fsdp_rank0_cpu", "cpu")
+    assert plan_placement("cuda:3", False, True, rank=3) == Placement("meta", "meta")
+    # plain GPU load: straight onto the GPU; ZeRO-3 and the CPU: load, then move
+    assert plan_placement("cuda:2", False) == Placement("device_map", "cuda:2", {"": "cuda:2"})
+    assert plan_placement("cuda:2", False, deepspeed_zero3=True) == Placement("move", "cuda:2")
+    assert plan_placement("cpu", False) == Placement("move", "cpu")
+
+
+@pytest.fixture
+def captured_from_pretrained(monkeypatch):
+    """Records the kwargs CleanModelLoader gives from_pretrained, then loads for real on this CPU
+    without the GPU-only ones (bitsandbytes, device_map): the rest of the load path runs."""
+    import transformers
+
+    calls: list[dict] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(src, **kwargs):
+        calls.append(dict(kwargs))
+        kwargs.pop("quantization_config", None)
+        kwargs.pop("device_map", None)
+        return real(src, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    return calls
+
+
+@pytest.mark.parametrize("quantization", ["4bit", None])
+def test_quantized_model_loads_onto_the_local_rank_gpu(
+    tiny_qwen_dir, monkeypatch, captured_from_pretrained, quantization
+):
+    """KNOWN_BUGS 58: every process of a multi-GPU QLoRA launch loaded onto GPU 0. KNOWN_BUGS
+    60 (None): a bf16 GPU load went through a full CPU copy, then ``.to(device)``."""
+    import sys
+    import types
+
+    from transformers import BitsAndBytesConfig
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    lm = CleanModelLoader(device="cuda", quantization=quantization).load(str(tiny_qwen_dir))
+    (kwargs,) = captured_from_pretrained
+    assert kwargs["device_map"] == {"": "cuda:1"}
+    if quantization:
+        assert isinstance(kwargs["quantization_config"], BitsAndBytesConfig)
+        assert kwargs["quantization_config"].load_in_4bit
+    else:
+        assert "quantization_config" not in kwargs
+    assert lm.provenance["device"] == "cuda:1"
+    assert lm.provenance["placement"] == {"mode": "device_map", "device_map": {"": "cuda:1"}}
+
+
+@pytest.fixture
+def fsdp_launch(monkeypatch, tmp_path):
+    """What `accelerate launch` with fsdp_cpu_ram_efficient_loading sets, plus the process group
+    TRL's config opens before the model is loaded (here one gloo process)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield monkeypatch
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_ranks_above_zero_get_a_meta_model_and_rank_zero_the_weights(
+    tiny_qwen_dir, tiny_qwen, fsdp_launch
+):
+    """KNOWN_BUGS 59: under FSDP cpu_ram_efficient_loading every rank read the full weights
+    (transformers 5 does not skip them on ranks > 0); accelerate fills ranks > 0 from rank 0."""
+    fsdp_launch.setenv("LOCAL_RANK", "1")
+    other = CleanModelLoader().load(str(tiny_qwen_dir))
+    assert {p.device.type for p in other.model.parameters()} == {"meta"}
+    assert all(b.device.type == "cpu" for b in other.model.buffers())  # rotary tables are real
+    assert other.provenance["placement"]["mode"] == "meta" and other.provenance["device"] == "meta"
+    assert other.provenance["n_parameters"] == tiny_qwen.provenance["n_parameters"]
+    assert other.encode(PROMPT) == tiny_qwen.encode(PROMPT)  # same tokenizer and policy
+    assert other.provenance["weights_sha256"] == tiny_qwen.provenance["weights_sha256"]
+
+    fsdp_launch.setenv("LOCAL_RANK", "0")
+    main = CleanModelLoader().load(str(tiny_qwen_dir))
+    assert main.provenance["placement"]["mode"] == "fsdp_rank0_cpu"
+    ref = tiny_qwen.model.state_dict()
+    assert all(torch.equal(t, ref[k]) for k, t in main.model.state_dict().items())
+    # what accelerate's rank-0 broadcast needs: the same entries, shapes and dtypes
+    meta_sd, full_sd = other.model.state_dict(), main.model.state_dict()
+    assert meta_sd.keys() == full_sd.keys()
+    assert all(
+        (meta_sd[k].shape, meta_sd[k].dtype) == (t.shape, t.dtype) for k, t in full_sd.items()
+    )
+
+
+def test_attn_implementation_is_set_at_load_and_recorded(tiny_qwen_dir, tiny_qwen):
+    from utils.training_common import load_base_model
+
+    assert tiny_qwen.provenance["attn_implementation"] == "sdpa"  # null: transformers' default
+    lm = load_base_model({"name": str(tiny_qwen_dir), "attn_implementation": "eager"})
+    assert lm.model.config._attn_implementation == "eager"
+    assert lm.provenance["attn_implementation"] == "eager"
+    loader, _ = CleanModelLoader.from_config({"attn_implementation": "eager"})  # StageRun's path
+    assert loader.attn_implementation == "eager"
+
+
+def test_bad_attn_implementation_names_the_key(tiny_qwen_dir):
+    from utils.config_validation import validate_config
+    from utils.eval_config import ModelSpec
+
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation .*'flash'"):
+        CleanModelLoader(attn_implementation="flash")
+    assert validate_config({"model": {"attn_implementation": "flash"}}) == [
+        "model.attn_implementation: must be one of "
+        "[None, 'eager', 'sdpa', 'flash_attention_2'], got 'flash'"
+    ]
+    spec = ModelSpec.from_dict({"attn_implementation": "eager"})  # the evaluation's model block
+    assert spec.load_options()["attn_implementation"] == "eager"
+    assert "attn_implementation" not in ModelSpec().load_options()  # old cache keys unchanged
+
+
+def test_flash_attention_without_flash_attn_is_a_config_error_not_a_corrupt_cache(tiny_qwen_dir):
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn installed")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation='flash_attention_2'"):
+        CleanModelLoader(attn_implementation="flash_attention_2").load(str(tiny_qwen_dir))
 
 
 # -- the real embedded models (slow) ------------------------------------------------------------

@@ -12,8 +12,13 @@ model being secretly prompted as a chat model are structural, not a convention:
   and it refuses text that contains a chat-control token unless explicitly allowed;
 - a model that looks instruction-tuned (name, EOS = end-of-turn token, generation config) is
   refused unless the caller marks it as a positive control;
-- provenance (weights hash, tokenizer hash, removed-template hash, BOS/EOS policy, versions) is
-  recorded for every manifest.
+- provenance (weights hash, tokenizer hash, removed-template hash, BOS/EOS policy, versions,
+  attention kernel, where the weights were placed) is recorded for every manifest.
+
+Placement (``plan_placement``): each process of a multi-GPU launch loads onto its own GPU
+(``cuda:LOCAL_RANK``), quantised models included; under FSDP with ``cpu_ram_efficient_loading``
+only local rank 0 reads the weights and ranks > 0 get a meta-device skeleton that accelerate fills
+from rank 0 when it prepares the model (docs/scaling.md).
 
 See BASE_MODEL_TRUTH.md for every contamination vector and the test that covers it.
 """
@@ -40,6 +45,9 @@ TEMPLATE_REMOVED_MARKER = "chat template removed by CleanModelLoader"
 # END_OF_TURN_TOKENS (imported above from the one list in utils/chat_markup.py): content of
 # end-of-turn tokens in common chat formats; an EOS equal to one of these means the checkpoint
 # was trained (or configured) to stop at the end of a chat turn.
+# ``model.attn_implementation``: null leaves transformers' default (sdpa where the model has it);
+# eager for Gemma training (transformers' advice), flash_attention_2 on a GPU with flash-attn.
+ATTN_IMPLEMENTATIONS: tuple[str | None, ...] = (None, "eager", "sdpa", "flash_attention_2")
 # Names that mark instruction-tuned checkpoints (word-ish boundaries, case-insensitive).
 INSTRUCT_NAME_PATTERN = re.compile(
     r"(instruct|[-_.]chat\b|\bchat[-_.]|[-_.]it\b|[-_.]it[-_.]|rlhf|[-_.]sft\b|[-_.]dpo\b|assistant|tulu|zephyr|vicuna)",
@@ -332,6 +340,83 @@ def resolve_model(name_or_path: str | None) -> tuple[str, Path | None]:
     return name, None  # a hub id such as Qwen/Qwen2.5-32B, resolved by transformers
 
 
+def local_rank() -> int:
+    """This process's GPU index within its node under torchrun / accelerate launch, else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(device: str | None, cuda_available: bool | None = None) -> str:
+    """The device this process loads onto: the requested one, else ``cuda`` when a GPU exists;
+    a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` so each process of a multi-GPU launch takes its
+    own GPU (an explicit index is kept). CPU stays CPU."""
+    if device is None:
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        device = "cuda" if cuda_available else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank()}"
+    return device
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where ``from_pretrained`` puts this process's weights (recorded in the provenance).
+
+    mode: ``device_map`` (loaded straight onto ``device``), ``move`` (loaded, then ``.to``),
+    ``fsdp_rank0_cpu`` (FSDP RAM-efficient loading, local rank 0: the one full copy, in CPU RAM;
+    accelerate shards it onto the GPUs), ``meta`` (FSDP RAM-efficient loading, ranks > 0: no
+    weights read; accelerate broadcasts rank 0's when it prepares the model)."""
+
+    mode: str
+    device: str
+    device_map: dict[str, str] | None = None
+
+
+def plan_placement(
+    device: str,
+    quantized: bool,
+    fsdp_cpu_ram_efficient: bool = False,
+    rank: int = 0,
+    deepspeed_zero3: bool = False,
+) -> Placement:
+    """The placement for ``device`` (already resolved, e.g. ``cuda:1``); pure, so it is tested
+    without a GPU. Quantised weights cannot move after loading and accelerate refuses a 4/8-bit
+    model on another GPU than the process's, so they always go through ``device_map``;
+    transformers and accelerate keep quantised models out of the FSDP meta-device path."""
+    if quantized:
+        return Placement("device_map", device, {"": device})
+    if fsdp_cpu_ram_efficient:
+        return Placement("meta", "meta") if rank > 0 else Placement("fsdp_rank0_cpu", "cpu")
+    if deepspeed_zero3:  # zero.Init partitions at load; transformers refuses a device_map there
+        return Placement("move", device)
+    if device.startswith("cuda"):  # straight from the mmapped files to the GPU: no CPU copy
+        return Placement("device_map", device, {"": device})
+    return Placement("move", device)
+
+
+def _launch_state() -> tuple[bool, bool]:
+    """(FSDP with cpu_ram_efficient_loading, DeepSpeed ZeRO-3), as transformers itself decides
+    them at load: accelerate's launch environment plus an initialised process group."""
+    from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
+
+    return bool(is_fsdp_enabled()), bool(is_deepspeed_zero3_enabled())
+
+
+def _meta_skeleton(config: Any, kwargs: dict[str, Any]) -> Any:
+    """The model with every parameter on the meta device (no weights read, no RAM): accelerate's
+    FSDP preparation fills it from rank 0. Buffers stay real (rotary tables are not in the
+    checkpoint; accelerate re-registers them after sharding)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()  # as from_pretrained leaves it: the FSDP state dict has tied entries
+    return model
+
+
 class CleanModelLoader:
     """Load a base model for bootstrap work with every contamination guard in place.
 
@@ -349,12 +434,19 @@ class CleanModelLoader:
         quantization: str | None = None,
         trust_remote_code: bool = False,
         allow_instruct_control: bool = False,
+        attn_implementation: str | None = None,
     ):
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"model.attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)} "
+                f"(null = transformers' default), got {attn_implementation!r}"
+            )
         self.device = device
         self.dtype = dtype
         self.quantization = quantization
         self.trust_remote_code = trust_remote_code
         self.allow_instruct_control = allow_instruct_control
+        self.attn_implementation = attn_implementation
 
     @classmethod
     def from_config(cls, model_cfg: dict[str, Any]) -> tuple[CleanModelLoader, str | None]:
@@ -366,6 +458,7 @@ class CleanModelLoader:
             "quantization",
             "trust_remote_code",
             "allow_instruct_control",
+            "attn_implementation",
         }
         unknown = set(model_cfg) - known
         if unknown:
@@ -425,13 +518,16 @@ class CleanModelLoader:
             )
         policy = derive_token_policy(tok, gen_config, original_template)
 
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(self.device)
         dtype_name = self.dtype or ("float32" if device == "cpu" else "bfloat16")
         kwargs: dict[str, Any] = {
             "dtype": getattr(torch, dtype_name),
             "trust_remote_code": self.trust_remote_code,
         }
-        if self.quantization in ("4bit", "8bit"):
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        quantized = self.quantization in ("4bit", "8bit")
+        if quantized:
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError as e:
@@ -448,14 +544,30 @@ class CleanModelLoader:
                 bnb_4bit_compute_dtype=torch.bfloat16,
                 bnb_4bit_use_double_quant=True,
             )
-            kwargs["device_map"] = {"": 0}
         elif self.quantization not in (None, "none"):
             raise ConfigError(
                 f"quantization must be None, '4bit' or '8bit', got {self.quantization!r}"
             )
+        fsdp_ram_efficient, zero3 = _launch_state()
+        placement = plan_placement(device, quantized, fsdp_ram_efficient, local_rank(), zero3)
+        if placement.device_map is not None:
+            kwargs["device_map"] = placement.device_map
         try:
-            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-        except Exception as e:  # safetensors/config errors: name the directory and the fix
+            if placement.mode == "meta":
+                model = _meta_skeleton(config, kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        except Exception as e:
+            if (
+                self.attn_implementation is not None
+                and isinstance(e, (ImportError, ValueError))
+                and re.search(r"attn|attention", str(e), re.IGNORECASE)
+            ):  # a kernel this machine or model lacks is a config choice, not a corrupt cache
+                raise ConfigError(
+                    f"model.attn_implementation={self.attn_implementation!r} cannot be used "
+                    f"here: {e} Use sdpa or eager, or null for transformers' default."
+                ) from e
+            # safetensors/config errors: name the directory and the fix
             hint = (
                 f" Delete {local} and run `python scripts/prepare_models.py --force`."
                 if local is not None and embedded_models.cache_root() in local.parents
@@ -464,7 +576,7 @@ class CleanModelLoader:
             raise embedded_models.CorruptCacheError(
                 f"cannot load model weights from {src!r}: {e}.{hint}"
             ) from e
-        if "quantization_config" not in kwargs:
+        if placement.mode == "move":
             model.to(device)
         model.eval()
         if gen_config is not None:
@@ -487,7 +599,9 @@ class CleanModelLoader:
                 else None
             ),
             "dtype": dtype_name,
-            "device": str(device),
+            "device": placement.device,
+            "placement": {"mode": placement.mode, "device_map": placement.device_map},
+            "attn_implementation": model.config._attn_implementation,
             "quantization": self.quantization,
             "trust_remote_code": self.trust_remote_code,
             "positive_control": self.allow_instruct_control,

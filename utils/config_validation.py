@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from utils.clean_model_loader import ATTN_IMPLEMENTATIONS
 from utils.config import ConfigError
 
 Check = tuple[Callable[[Any], bool], str]
@@ -122,10 +123,12 @@ ALSO_ACCEPTED: dict[tuple[str, str], tuple[type, ...]] = {
 MODEL_FIELDS: dict[str, str] = {
     "name": "str | None", "device": "str | None", "dtype": "str | None",
     "quantization": "str | None", "trust_remote_code": "bool", "allow_instruct_control": "bool",
+    "attn_implementation": "str | None",
 }  # fmt: skip
 MODEL_CHOICES = {
     "dtype": (None, "float32", "float16", "bfloat16", "float64"),
     "quantization": (None, "none", "4bit", "8bit"),
+    "attn_implementation": ATTN_IMPLEMENTATIONS,
 }
 _WORDS = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string",
           "None": "null", "list": "a list", "tuple": "a list", "dict": "a mapping",

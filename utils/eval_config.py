@@ -127,6 +127,7 @@ class ModelSpec:
     quantization: str | None = None
     trust_remote_code: bool = False
     allow_instruct_control: bool = False
+    attn_implementation: str | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelSpec:
@@ -137,8 +138,12 @@ class ModelSpec:
         return cls(**{k: v for k, v in values.items() if v is not None})
 
     def load_options(self) -> dict[str, Any]:
-        """The load options that can change greedy outputs (part of the cache key)."""
-        return {"device": self.device, "dtype": self.dtype, "quantization": self.quantization}
+        """The load options that can change greedy outputs (part of the cache key); the attention
+        kernel only when set, so caches written before the option existed keep their keys."""
+        options = {"device": self.device, "dtype": self.dtype, "quantization": self.quantization}
+        if self.attn_implementation is not None:
+            options["attn_implementation"] = self.attn_implementation
+        return options
 
 
 def parse_arm_list(text: str) -> list[str]:

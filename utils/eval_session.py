@@ -56,6 +56,7 @@ class ModelSession:
                 quantization=self.spec.quantization,
                 trust_remote_code=self.spec.trust_remote_code,
                 allow_instruct_control=self.spec.allow_instruct_control,
+                attn_implementation=self.spec.attn_implementation,
             )
             self.lm = loader.load(self.spec.name)
             self.load_s = time.perf_counter() - t0

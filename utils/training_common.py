@@ -25,6 +25,7 @@ from utils.clean_model_loader import (
     CleanModelLoader,
     LoadedModel,
     adapter_hash,
+    resolve_device,
     write_adapter_manifest,
 )
 from utils.errors import ProjectInputError
@@ -87,28 +88,19 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: str | Sequen
     )
 
 
-MODEL_KEYS = ("name", "device", "dtype", "quantization", "trust_remote_code")
-
-
-def resolve_device(device: str | None) -> str:
-    """Each process of a multi-GPU launch takes its own GPU; CPU stays CPU."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
+MODEL_KEYS = ("name", "device", "dtype", "quantization", "trust_remote_code", "attn_implementation")
 
 
 def load_base_model(model_cfg: dict[str, Any]) -> LoadedModel:
     """The base model through CleanModelLoader, from the shared ``model`` section (only the keys
-    in MODEL_KEYS are read; other stages may keep more there)."""
+    in MODEL_KEYS are read; other stages may keep more there). The loader puts each process of a
+    multi-GPU launch on its own GPU (``resolve_device``)."""
     return CleanModelLoader(
         device=resolve_device(model_cfg.get("device")),
         dtype=model_cfg.get("dtype"),
         quantization=model_cfg.get("quantization"),
         trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+        attn_implementation=model_cfg.get("attn_implementation"),
     ).load(model_cfg.get("name"))
 
 
