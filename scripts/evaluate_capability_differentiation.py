@@ -31,7 +31,7 @@ from utils.eval_config import (
 from utils.evaluation import run_evaluation
 from utils.provenance import write_manifest
 from utils.report import summary_table, write_report
-from utils.run_context import stage_main
+from utils.run_context import check_sections, stage_main
 
 _ARM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -74,6 +74,7 @@ def build_configs(args: argparse.Namespace) -> tuple[dict, EvalConfig, ModelSpec
     cfg["eval"] = {**EvalConfig().to_dict(), **(cfg.get("eval") or {})}
     cfg["model"] = {"name": ModelSpec().name, **(cfg.get("model") or {})}
     cfg = apply_overrides(cfg, args.overrides)
+    check_sections(cfg, ("model", "eval", "sentinels", "constraints"))
     eval_cfg = dict(cfg["eval"])
     if args.arms:
         eval_cfg["arms"] = parse_arm_list(args.arms)

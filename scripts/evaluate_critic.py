@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gate-min-accuracy", type=float, default=0.5)
     args = ap.parse_args(argv)
     try:
-        run = StageRun.start("critic_eval", args.config, args.overrides, args.out)
+        run = StageRun.start("critic_eval", args.config, args.overrides, args.out, ("critic",))
         if args.model:
             run.cfg["model"]["name"] = args.model
         base_cfg = CriticConfig.from_dict(run.cfg.get("critic", {}))

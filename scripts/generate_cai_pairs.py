@@ -83,7 +83,7 @@ def run_stage(args: argparse.Namespace, out: Path) -> int:
     train_path = run_dir / "stage1" / "constrained.jsonl"
     if not train_path.exists():
         train_path = run_dir / "stage1" / "train.jsonl"
-    run = StageRun.start("cai_pairs", args.config, args.overrides, out)
+    run = StageRun.start("cai_pairs", args.config, args.overrides, out, ("cai",))
     with as_input_error():  # config values, the constitution, the instructions, the policy
         cfg = CAIConfig.from_dict(section(run.cfg, "cai") if "cai" in run.cfg else {})
         constitution = load_constitution(args.constitution)

@@ -45,7 +45,7 @@ def run_stage(args: argparse.Namespace, out: Path) -> int:
     run_dir = Path(args.run)
     train_path = run_dir / "stage1" / "train.jsonl"
     adapter_dir = run_dir / "sft" / "adapter"
-    run = StageRun.start("pairs", args.config, args.overrides, out)
+    run = StageRun.start("pairs", args.config, args.overrides, out, ("pairs", "critic"))
     with as_input_error():  # config values and the instructions file
         cfg = PairsConfig.from_dict(section(run.cfg, "pairs"))
         critic = CriticConfig.from_dict(section(run.cfg, "critic"))

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_stage(args: argparse.Namespace) -> int:
-    run = StageRun.start("stage1", args.config, args.overrides, args.out)
+    run = StageRun.start(
+        "stage1", args.config, args.overrides, args.out, ("stage1", "critic", "constraints")
+    )
     with as_input_error():
         cfg = Stage1Config.from_dict(section(run.cfg, "stage1"))
         critic_cfg = CriticConfig.from_dict(run.cfg.get("critic"))

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_stage(args: argparse.Namespace, out: Path) -> int:
     data_path = Path(args.run) / "stage1" / "constrained.jsonl"
     policy = args.policy
-    run = StageRun.start("verified", args.config, args.overrides, out)
+    run = StageRun.start(
+        "verified", args.config, args.overrides, out, ("verified", "critic", "constraints")
+    )
     with as_input_error():
         if args.round < 1:
             raise ValueError(f"--round must be >= 1, got {args.round}")

@@ -21,11 +21,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from utils.config import add_config_args, load_config, section
+from utils.config import add_config_args, section
 from utils.dpo import DPOStageConfig, load_pairs, make_dpo_args, run_dpo
 from utils.errors import EXIT_OK, STATUS_SKIPPED, InputMissingError, as_input_error
 from utils.provenance import write_manifest
-from utils.run_context import stage_main
+from utils.run_context import load_stage_config, stage_main
 from utils.training_common import (
     MODEL_KEYS,
     load_base_model,
@@ -105,7 +105,8 @@ def run_stage(args: argparse.Namespace, out: Path) -> int:
         )
         print(f"stage-1 DPO skipped: {reason} (see {pairs_path.parent / 'manifest.json'})")
         return EXIT_OK
-    cfg_all = load_config(args.config, args.overrides)
+    sections = ("model", "dpo", *([args.overrides_section] if args.overrides_section else []))
+    cfg_all = load_stage_config(args.config, args.overrides, sections)
     with as_input_error():  # config values and the pairs file; training errors are crashes
         dpo_values = dict(section(cfg_all, "dpo"))
         if args.overrides_section:  # the cai stage trains with cai_dpo's keys over dpo's

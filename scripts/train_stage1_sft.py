@@ -20,10 +20,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from utils.config import add_config_args, load_config, section
+from utils.config import add_config_args, section
 from utils.errors import EXIT_OK, as_input_error
 from utils.provenance import write_manifest
-from utils.run_context import stage_main
+from utils.run_context import load_stage_config, stage_main
 from utils.sft import (
     SFTStageConfig,
     balance_types,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_stage(args: argparse.Namespace, out: Path) -> int:
     run = Path(args.run_dir)
     data = Path(args.data) if args.data else run / "stage1" / "train.jsonl"
-    cfg_all = load_config(args.config, args.overrides)
+    cfg_all = load_stage_config(args.config, args.overrides, ("model", "sft"))
     with as_input_error():  # config values and the data file; training errors are crashes
         cfg = SFTStageConfig.from_dict(section(cfg_all, "sft"))
         model_cfg = {k: v for k, v in (cfg_all.get("model") or {}).items() if k in MODEL_KEYS}

@@ -808,7 +808,7 @@ def test_tiny_script_end_to_end(tiny_loads, tiny_qwen_dir, tmp_path, monkeypatch
     cfg["cai"]["bogus"] = 1
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(cfg_path), "--run", str(run), "--no-progress"]) == 2
-    assert "unknown cai keys ['bogus']" in capsys.readouterr().err
+    assert "cai.bogus: unknown key" in capsys.readouterr().err  # run_context.check_sections
     del cfg["cai"]  # no cai section: defaults, policy auto, and this run has no adapter
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(cfg_path), "--run", str(run), "--no-progress"]) == 2

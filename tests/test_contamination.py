@@ -210,7 +210,9 @@ def test_sentinel_config_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown sentinels key"):
         C.SentinelConfig.from_dict({"mode": "quick", "temprature": 1})
     with pytest.raises(ValueError, match="mode"):
-        C.SentinelConfig.from_dict({"mode": "off"})
+        C.SentinelConfig.from_dict({"mode": "of"})
+    with pytest.raises(ValueError, match="mode"):
+        C.SentinelConfig.from_dict({"mode": True})
     with pytest.raises(ValueError, match="prompt_format"):
         C.SentinelConfig(prompt_format="chatml")
     with pytest.raises(ValueError, match=r"\{prompt\}"):

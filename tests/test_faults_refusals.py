@@ -88,6 +88,13 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def config_error(err: str) -> str:
+    """A ConfigError as printed: one ``error:`` line naming the file and the count, then one
+    ``  - section.key: ...`` line per problem; no traceback."""
+    first = one_error_line(err)
+    return "\n".join(err[err.index(first) :].splitlines())
+
+
 # -- case: --quick with a disguised instruct model ------------------------------------------
 def test_disguised_instruct_weights_pass_the_static_checks_alone(disguised):
     """The control: name, template, BOS and EOS say base; only the weights say chat model
@@ -210,3 +217,72 @@ def test_pipeline_refuses_a_bad_config_value_before_any_stage(tmp_path, capsys):
     assert "eval.n_prompts: expected an integer, got 'abc'" in err
     assert "sft.max_steps: must be -1 (no cap) or >= 1, got -3" in err
     assert not run.exists()
+
+
+# -- case: a bad config value given to a stage script run alone --------------------------------
+NO_BAR = "--no-progress"
+STAGE_SCRIPTS = {  # script -> (its arguments for a run directory, where it writes)
+    "generate_stage1_sft_data": (lambda run: ["--out", str(run / "stage1"), NO_BAR], "stage1"),
+    "sample_verified": (lambda run: ["--run", str(run), "--round", "1", NO_BAR], "verified_r1"),
+    "generate_preference_pairs": (lambda run: ["--run", str(run), NO_BAR], "pairs"),
+    "generate_cai_pairs": (lambda run: ["--run", str(run), NO_BAR], "cai_pairs"),
+    "train_stage1_sft": (lambda run: ["--run-dir", str(run)], "sft"),
+    "train_stage1_dpo": (lambda run: ["--run-dir", str(run)], "dpo"),
+    "evaluate_capability_differentiation": (lambda run: ["--run", str(run), NO_BAR], "eval"),
+}
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "message"),
+    [
+        ("train_stage1_sft", "sft.max_steps=-3", "sft.max_steps: must be -1 (no cap) or >= 1, got -3"),
+        ("generate_stage1_sft_data", "stage1.n_train=abc", "stage1.n_train: expected an integer, got 'abc'"),
+        ("generate_preference_pairs", "pairs.num_candidates=abc", "pairs.num_candidates: expected an integer, got 'abc'"),
+        ("sample_verified", "verified.num_candidates=abc", "verified.num_candidates: expected an integer, got 'abc'"),
+        ("generate_cai_pairs", "cai.top_p=0", "cai.top_p: must be in (0, 1], got 0"),
+        ("train_stage1_dpo", "dpo.learning_rate=0", "dpo.learning_rate: must be > 0, got 0"),
+        ("evaluate_capability_differentiation", "eval.n_prompts=abc", "eval.n_prompts: expected an integer, got 'abc'"),
+        ("generate_stage1_sft_data", "sentinels.top_p=2", "sentinels.top_p: must be in (0, 1], got 2"),
+    ],
+)  # fmt: skip
+def test_a_stage_script_run_alone_refuses_a_bad_value_in_what_it_reads(
+    script, override, message, tmp_path, capsys
+):
+    """Cases '--set sft.max_steps=-3' (it trained with no cap), 'stage1.n_train=abc' (a
+    TypeError traceback after the model loaded) and the like, given to the stage script
+    itself rather than the pipeline: the same rules, exit 2 with one line naming the key,
+    before any model or data is read; only the failed manifest is written."""
+    import importlib
+
+    args, out = STAGE_SCRIPTS[script]
+    run = tmp_path / "run"
+    write_jsonl_atomic(run / "pairs" / "pairs.jsonl", [dpo_pair(0)])  # DPO reads it first
+    before = files_under(run)
+    main = importlib.import_module(f"scripts.{script}").main
+    nowhere = f"model.name={tmp_path / 'no-model'}"  # never a real model, fixed or not
+    rc = main(["--config", str(QUICK), *args(run), "--set", nowhere, "--set", override])
+    text = config_error(capsys.readouterr().err)
+    assert rc == 2 and f"quick.yaml: 1 problem(s):\n  - {message}" in text, text
+    assert files_under(run) == sorted([*before, f"{out}/manifest.json"])
+    assert json.loads((run / out / "manifest.json").read_text())["exit_code"] == 2
+
+
+@pytest.mark.parametrize("value", ["off", "false", "null", "'off'"])
+def test_sentinels_mode_off_is_a_valid_recipe_value(value):
+    """Case '--set sentinels.mode=off' (the recipes list it; YAML reads a bare off as false):
+    the up-front validation refused it ("sentinels.mode: expected a string, got False"), so
+    the pipeline would not start. It is valid, no sentinel runs, and the suite itself refuses
+    to run 'off'; a misspelt mode is still named."""
+    from utils.config_validation import validate_config
+
+    cfg = load_config(QUICK, [f"sentinels.mode={value}"])
+    assert validate_config(cfg) == []
+    assert C.SentinelConfig.from_dict(cfg["sentinels"]).mode == "off"
+    # off never looks at the model
+    assert run_configured_sentinels(None, cfg["sentinels"]) == {"mode": "off", "verdict": "not run"}
+    with pytest.raises(ValueError, match="off"):
+        C.run_sentinel_suite(None, cfg["sentinels"])
+    # (the closing quote of 'of' was cut off by the validator: a message ending in a repr)
+    assert validate_config(load_config(QUICK, ["sentinels.mode=of"])) == [
+        "sentinels.mode must be one of ('off', 'static', 'probe', 'quick', 'full'), got 'of'"
+    ]

@@ -286,7 +286,8 @@ def validate_config(cfg: Mapping[str, Any]) -> list[str]:
             try:
                 parse(dict(values))
             except (ValueError, TypeError, KeyError) as e:
-                msg = str(e).strip("'\"")
+                # str(KeyError) is the repr of its message; other messages keep their quotes
+                msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
                 named = msg.startswith((f"{sec}.", f"{sec} ", f"{sec}:"))
                 found.append(msg if named else f"{sec}: {msg}")
         problems.extend(found)

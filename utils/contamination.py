@@ -55,6 +55,9 @@ SUITE_VERSION = 2
 # WEIGHTS, so every shipped preset runs at least this (issue 14). quick: + greedy behaviour
 # (~13 s more). full: + sampled behaviour (calibration).
 MODES = ("static", "probe", "quick", "full")
+# A recipe may also say off (YAML reads a bare `off` as false): the stages then record that no
+# sentinel ran (run_context.run_configured_sentinels); the suite itself never runs "off".
+OFF = "off"
 PROMPT_FORMATS = ("raw", "chat-template")
 
 
@@ -377,7 +380,8 @@ def end_token_ids(lm: LoadedModel) -> dict[str, int]:
 class SentinelConfig:
     """What ``run_sentinel_suite`` runs. Defaults are the CPU defaults (2 cores)."""
 
-    mode: str = "quick"  # static | probe (+ weight probe) | quick (+ greedy) | full (+ sampled)
+    # off | static | probe (+ weight probe) | quick (+ greedy) | full (+ sampled); false/null: off
+    mode: str | bool | None = "quick"
     prompt_format: str = "raw"  # raw | chat-template (positive controls)
     chat_template: str | None = None  # "{prompt}" template for chat-template; None: from vocab
     max_new_tokens: int = 40
@@ -389,8 +393,10 @@ class SentinelConfig:
     torch_threads: int | None = None  # None: leave torch's setting alone
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"sentinels.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode in (False, None):
+            object.__setattr__(self, "mode", OFF)
+        if self.mode is True or self.mode not in (OFF, *MODES):
+            raise ValueError(f"sentinels.mode must be one of {(OFF, *MODES)}, got {self.mode!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(
                 f"sentinels.prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}"
@@ -937,6 +943,8 @@ def run_sentinel_suite(
     timings_s, wall_time_s, cpu_time_s."""
 
     cfg = _as_config(config)
+    if cfg.mode == OFF:
+        raise ValueError("sentinels.mode off: the caller records that no sentinel ran")
     t0, cpu0 = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     # ``trained_arm``: an ACTIVE adapter this project trained (evaluation's sft/dpo arms) to

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,9 +60,18 @@ class StageRun:
 
     @classmethod
     def start(
-        cls, stage: str, config_path: str | None, overrides: list[str], out_dir: str | Path
+        cls,
+        stage: str,
+        config_path: str | None,
+        overrides: list[str],
+        out_dir: str | Path,
+        sections: Sequence[str] = (),
     ) -> StageRun:
-        cfg = load_config(config_path, overrides)
+        """The recipe with ``sections`` (what the stage reads) and the ones ``load_model``
+        reads (model, sentinels, generation) checked up front (``load_stage_config``)."""
+        cfg = load_stage_config(
+            config_path, overrides, ("model", "sentinels", "generation", *sections)
+        )
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         return cls(stage=stage, cfg=cfg, out_dir=out)
@@ -106,6 +115,26 @@ class StageRun:
         ``EXIT_GATE`` (the pipeline stops)."""
         self.finish(status=STATUS_FAILED, reason=reason, **fields)
         return EXIT_GATE
+
+
+def load_stage_config(
+    config_path: str | Path | None, overrides: Sequence[str], sections: Sequence[str]
+) -> dict[str, Any]:
+    """The recipe, with the ``sections`` a stage script reads checked (``check_sections``)."""
+    cfg = load_config(config_path, overrides)
+    check_sections(cfg, sections)
+    return cfg
+
+
+def check_sections(cfg: dict[str, Any], sections: Sequence[str]) -> None:
+    """Check ``sections`` of the recipe by the rules the pipeline applies to the whole recipe
+    before its first stage (utils/config_validation: types, ranges, the stage parsers' own
+    rules): every bad ``section.key`` in one ``ConfigError`` (exit 2) before the stage does
+    anything. A section the recipe lacks is left to the stage."""
+    from utils.config_validation import check_config  # imports every stage's config class
+
+    where = {"_config_path": cfg.get("_config_path", "config")}
+    check_config(where | {s: cfg[s] for s in sections if s in cfg})
 
 
 def write_failed_manifest(
