@@ -193,6 +193,45 @@ def test_dpo_whose_only_step_has_learning_rate_zero_is_flagged_unchanged(
     assert m["adapter"]["adapter_unchanged"] is True
 
 
+def test_an_unchanged_adapter_is_flagged_in_the_evaluation_report(
+    tmp_path, tiny_qwen_dir, tiny_adapter_dir
+):
+    """Case 'unchanged adapter' in the report (issue 14 item 9: the manifest AND the report):
+    the sft arm's stage manifest says adapter_unchanged: true for this very adapter (its hash),
+    so the arm's record carries it and report.md says training changed nothing; a manifest
+    about another adapter (another hash) is not trusted."""
+    from utils.clean_model_loader import adapter_hash
+    from utils.eval_arms import adapter_unchanged
+    from utils.report import write_report
+
+    run = tmp_path / "run"
+    adapter = Path(shutil.copytree(tiny_adapter_dir, run / "sft" / "adapter"))
+    sha = adapter_hash(adapter)
+    manifest = {
+        "stage": "sft",
+        "status": "ok",
+        "adapter": {"path": str(adapter), "sha256": sha, "adapter_unchanged": True},
+    }
+    (run / "sft" / "manifest.json").write_text(json.dumps(manifest))  # as save_adapter writes it
+    assert adapter_unchanged(adapter, "another hash") is None
+    cfg = EvalConfig(
+        n_prompts=2,
+        max_new_tokens=2,
+        batch_size=4,
+        run_sentinels=False,
+        progress=False,
+        arms=("base", "sft"),
+        bootstrap_resamples=100,
+        n_samples=1,
+    )
+    results = run_evaluation(run, cfg, ModelSpec(name=str(tiny_qwen_dir)), log=lambda _m: None)
+    flags = {a["name"]: a["adapter_unchanged"] for a in results["arms"]}
+    assert flags == {"base": None, "sft": True}
+    md = Path(write_report(results, tmp_path / "eval")["report"]).read_text()
+    assert "- **sft**: its adapter is identical to where its training started" in md
+    assert "- **base**: its adapter" not in md
+
+
 # -- 3. adapter of another shape -------------------------------------------------------------
 def other_shape_adapter(out: Path, manifest_from: Path, hidden: int, layers: int) -> Path:
     """A LoRA adapter (q_proj, v_proj, like tiny_adapter_dir) for a Qwen2 of another size, with

@@ -88,6 +88,20 @@ def adapter_problem(adapter_dir: Path) -> str | None:
     return None
 
 
+def adapter_unchanged(adapter_dir: Path, adapter_sha256: str) -> bool | None:
+    """The training stage's flag that ``adapter_dir`` is identical to where its training started
+    (``adapter.adapter_unchanged`` in the stage's manifest.json beside it), trusted only when
+    that manifest records this adapter's hash; None when nothing says."""
+    try:
+        manifest = json.loads((adapter_dir.parent / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    adapter = manifest.get("adapter") if isinstance(manifest, dict) else None
+    if not isinstance(adapter, dict) or adapter.get("sha256") != adapter_sha256:
+        return None
+    return adapter.get("adapter_unchanged")
+
+
 def check_adapter_base(adapter_dir: Path, base_weights_sha256: str) -> None:
     """Fail before any generation when an adapter belongs to another base model."""
     path = adapter_dir / ADAPTER_MANIFEST

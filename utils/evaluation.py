@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from utils.clean_model_loader import adapter_hash
-from utils.eval_arms import ArmSpec, arm_prompt, prompt_format_id, resolve_arms
+from utils.eval_arms import (
+    ArmSpec,
+    adapter_unchanged,
+    arm_prompt,
+    prompt_format_id,
+    resolve_arms,
+)
 from utils.eval_cache import (
     cache_key,
     cache_key_fields,
@@ -122,6 +128,12 @@ def _evaluate_arm(spec: ArmSpec, ctx: _ArmContext) -> tuple[dict[str, Any], dict
         "prompt_format": spec.prompt_format,
         "adapter_dir": str(spec.adapter_dir) if spec.adapter_dir else None,
         "adapter_sha256": key_fields["adapter_sha256"],
+        # training that changed nothing (flagged by the stage): the report says so
+        "adapter_unchanged": (
+            adapter_unchanged(spec.adapter_dir, key_fields["adapter_sha256"])
+            if spec.adapter_dir
+            else None
+        ),
         "cache_key": key,
         "cache_path": str(cache_path),
         "n_cached": len(cached),

@@ -52,6 +52,13 @@ def _headline_lines(results: Mapping[str, Any]) -> list[str]:
             "(assuming independent errors; see the per-comparison MDE at the observed "
             "discordance below). Smaller true differences can go undetected."
         )
+    for a in results["arms"]:
+        if a.get("adapter_unchanged"):
+            lines.append(
+                f"- **{a['name']}**: its adapter is identical to where its training started "
+                "(`adapter_unchanged` in its stage's manifest): training changed nothing, so "
+                "this arm measures its starting point"
+            )
     skipped = results.get("skipped_arms", [])
     if skipped:
         lines.append(f"- {len(skipped)} arm(s) SKIPPED: " + ", ".join(s["name"] for s in skipped))
