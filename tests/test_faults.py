@@ -399,3 +399,59 @@ def test_config_unknown_section_and_key_are_named():
     assert any(p.startswith("sfft: unknown section") for p in problems)
     assert any(p.startswith("dpo.betta: unknown key") for p in problems)
     assert len(problems) == 2
+
+
+# -- 5. a full disk, a broken torch ----------------------------------------------------------
+def test_a_full_disk_while_appending_names_the_file_and_loses_nothing_written(tmp_path):
+    """Case 'full disk during a stage's JSONL writes': the write that hits ENOSPC (half its
+    line on disk) raises DiskFullError naming the file; the records before it are intact and
+    the rerun's resume() drops the torn half line, so appending goes on."""
+    import errno
+
+    from utils.jsonl_io import DiskFullError, JsonlAppender, read_jsonl, resume
+
+    path = tmp_path / "pairs.jsonl"
+    out = JsonlAppender(path)
+    out.write_many([{"id": "a"}, {"id": "b"}])
+    real = out._f
+
+    class FullDisk:  # the file object once the disk is full: half a line, then ENOSPC
+        def write(self, text: str) -> None:
+            real.write(text[: len(text) // 2])
+            real.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    out._f = FullDisk()
+    with pytest.raises(DiskFullError, match=f"disk full while appending to {path}"):
+        out.write({"id": "c", "text": "x" * 40})
+    real.close()
+    records, torn = resume(path)
+    assert [r["id"] for r in records] == ["a", "b"] and torn == 1
+    with JsonlAppender(path) as again:
+        again.write({"id": "c"})
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("sleep 30", "`import torch` did not finish in 1 s"),
+        ("echo 'ImportError: libtorch_cpu.so: cannot open' >&2; exit 1",
+         "`import torch` failed: ImportError: libtorch_cpu.so: cannot open"),
+    ],
+    ids=["hangs", "fails"],
+)  # fmt: skip
+def test_preflight_reports_a_torch_import_that_hangs_or_fails(body, message, tmp_path, monkeypatch):
+    """Case 'import torch hangs or fails': preflight imports torch in a child process with a
+    timeout and reports, instead of hanging or dying (a stand-in interpreter plays the broken
+    install)."""
+    import sys
+
+    from scripts.preflight import check_torch
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\n{body}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    ok, detail, info = check_torch(timeout_s=1)
+    assert (ok, info) == (False, {}) and detail.startswith(message), detail
