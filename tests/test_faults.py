@@ -164,11 +164,13 @@ def test_no_complete_checkpoint_starts_fresh(two_checkpoints, tmp_path, capsys):
 def test_sft_with_learning_rate_zero_is_flagged_unchanged(
     two_checkpoints, tmp_path, small_model_dir
 ):
-    """Case 'unchanged adapter (SFT, lr 0)': every lora_B is still zero after training, so the
-    manifest says adapter_unchanged: true and a warning names the adapter. The lr 1e-2 run of
+    """Case 'unchanged adapter (SFT, lr 0)': the only step is a warmup step, at lr 0 (a
+    learning_rate of 0 itself is refused up front), so every lora_B is still zero: the
+    manifest says adapter_unchanged: true and a warning names the adapter. The trained run of
     the fixture says false."""
     run = write_run(tmp_path / "run", stage1_records(8))
-    cfg = write_config(tmp_path / "cfg.yaml", small_model_dir, {**SMALL_SFT, "learning_rate": 0.0})
+    lr0 = {**SMALL_SFT, "max_steps": 1, "warmup_steps": 1}
+    cfg = write_config(tmp_path / "cfg.yaml", small_model_dir, lr0)
     with pytest.warns(AdapterUnchangedWarning, match="identical to its LoRA init"):
         assert sft_main(["--config", str(cfg), "--run-dir", str(run)]) == 0
     m = json.loads((run / "sft" / "manifest.json").read_text())
