@@ -527,6 +527,7 @@ def static_checks(
     # encode path must refuse the control token's text. Otherwise the check above proves nothing.
     canary = _control_id_for_canary(lm)
     base_ids = lm.encode(raw_prompt(SENTINELS[0].instruction))
+    poisoned: list[int] | None = None
     if canary is None:
         checks.append(
             Check(
@@ -606,6 +607,52 @@ def static_checks(
             "no instruct signal in name/EOS/config" if not signals else "; ".join(signals),
         )
     )
+    return checks + vllm_path_checks(lm, encoded, poisoned)
+
+
+def vllm_path_checks(
+    lm: LoadedModel, encoded: Sequence[Sequence[int]], poisoned: Sequence[int] | None
+) -> list[Check]:
+    """With a vLLM engine attached (generation.backend: vllm), the id checks on what vLLM
+    itself reports having consumed (``RequestOutput.prompt_token_ids``) for the sentinel prompts,
+    and the canary through that path: vLLM's door (``engine_prompts``) refuses the poisoned ids,
+    and the check fires on the ids vLLM consumed when they are pushed past the door. Nothing
+    without an engine (HF generates: the checks above see its ids)."""
+    from utils.generation import attached_engine
+    from utils.vllm_scoring import engine_prompts, fed_prompt_ids
+
+    engine = attached_engine(lm)
+    if engine is None:
+        return []
+    fed = fed_prompt_ids(engine.llm, lm, encoded, allow_control_tokens=True)
+    problems = []
+    for i, (sent, got) in enumerate(zip(encoded, fed, strict=True)):
+        if list(got) != list(sent):
+            problems.append(f"prompt {i}: vLLM consumed {len(got)} ids, not the {len(sent)} sent")
+        try:
+            lm.check_ids(got, where=f"vLLM prompt {i}")
+        except ContaminationError as e:
+            problems.append(str(e))
+    detail = f"{len(fed)} sentinel prompts as vLLM consumed them: the ids sent, no control id"
+    checks = [Check("vllm_fed_ids", not problems, "; ".join(problems[:3]) or detail)]
+    if poisoned is None:  # canary_fires is already broken: nothing to insert
+        return checks
+    refused = fired = False
+    try:
+        engine_prompts(lm, [poisoned])
+    except ContaminationError:
+        refused = True
+    got = fed_prompt_ids(engine.llm, lm, [poisoned], allow_control_tokens=True)[0]
+    try:
+        lm.check_ids(got, where="vLLM canary")
+    except ContaminationError:
+        fired = True
+    ok = refused and fired
+    detail = (
+        f"canary ids: vLLM's door {'refused' if refused else 'DID NOT refuse'} them; pushed "
+        f"past it, the id check on what vLLM consumed {'fired' if fired else 'DID NOT fire'}"
+    )
+    checks.append(Check("vllm_canary_fires", ok, detail, broken=not ok))
     return checks
 
 

