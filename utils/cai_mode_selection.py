@@ -23,13 +23,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from utils.constitution_config import CAIConfig
-from utils.constitution_contrastive import score_text
+from utils.constitution_contrastive import gain_rows, score_text
 from utils.constitution_eval import PrincipleItem
 from utils.constitution_pairs import ab_soft_label
 from utils.constitution_prompts import Constitution, judge_prompts
 from utils.critic import base_only
-from utils.critic_prompts import ANSWER_A, ANSWER_B, pmi_completion
-from utils.response_format import EXAMPLE_SEPARATOR, format_prompt
+from utils.critic_prompts import ANSWER_A, ANSWER_B
 from utils.stats import mcnemar_exact, summarize_arm
 
 MODES = ("contrastive", "revise")
@@ -41,13 +40,10 @@ def contrastive_margins(
     """g(follows) - g(breaks) per item (nats per token), base weights."""
     from utils.scoring import completion_logprobs
 
-    prefixes, completions = [], []
-    for it in items:
-        null = format_prompt(it.instruction)
-        cond = score_text(constitution.principle(it.principle), cfg) + EXAMPLE_SEPARATOR + null
-        for text in (it.follows, it.breaks):
-            prefixes += [cond, null]
-            completions += [pmi_completion(text)] * 2
+    prefixes, completions = gain_rows(
+        [(score_text(constitution.principle(it.principle), cfg), it.instruction,
+          (it.follows, it.breaks)) for it in items]
+    )  # fmt: skip
     with base_only(lm):
         scored = completion_logprobs(lm, prefixes, completions, batch_size=cfg.judge_batch_size)
     gains = [(scored[2 * k][0] - scored[2 * k + 1][0]) / scored[2 * k][1] for k in

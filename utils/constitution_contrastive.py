@@ -123,6 +123,18 @@ def score_text(principle: Principle, cfg: CAIConfig) -> str:
     return getattr(principle, cfg.contrastive_score_text)
 
 
+def gain_rows(items: Sequence[tuple[str, str, Sequence[str]]]) -> tuple[list[str], list[str]]:
+    """(prefixes, completions) for (principle text, instruction, answers) items: each answer
+    after the principle text, then after the bare prompt (g in the module doc)."""
+    prefixes, completions = [], []
+    for principle_text, instruction, answers in items:
+        null = format_prompt(instruction)
+        for text in answers:
+            prefixes += [principle_text + EXAMPLE_SEPARATOR + null, null]
+            completions += [pmi_completion(text)] * 2
+    return prefixes, completions
+
+
 def context_echo(text: str, contexts: Sequence[str], n: int = CONTEXT_ECHO_WORDS) -> str | None:
     """The first run of ``n`` consecutive words (case and punctuation ignored) of one of
     ``contexts`` that ``text`` repeats, or None. A context shorter than ``n`` words counts only
@@ -443,13 +455,8 @@ def process_chunk(
     alive = [r for r in records if r["drop_reason"] is None]
     if not alive:
         return records
-    prefixes, completions = [], []
-    for r in alive:
-        null = format_prompt(r["instruction"])
-        cond = score_text(principle_of(r), cfg) + EXAMPLE_SEPARATOR + null
-        for side in SIDES:
-            prefixes += [cond, null]
-            completions += [pmi_completion(r[side]["text"])] * 2
+    prefixes, completions = gain_rows([(score_text(principle_of(r), cfg), r["instruction"],
+                                        [r[side]["text"] for side in SIDES]) for r in alive])  # fmt: skip
     t0 = time.perf_counter()
     with base_only(lm):
         scored = completion_logprobs(lm, prefixes, completions, batch_size=cfg.judge_batch_size)
